@@ -1,0 +1,137 @@
+"""The kernel contract: the one list every backend implements.
+
+Every backend (``reference``, ``numba``, ``cython``) is a module exposing
+functions with exactly these names and signatures. The reference module is
+the oracle; a faster backend may implement any subset and the rest falls
+back to the reference (see :mod:`fastdl.backends`).
+
+Conventions shared by all kernels
+---------------------------------
+* ``m`` rows are examples; every 2-D array is C-contiguous.
+* Float arrays share one dtype per call: float32 or float64 (the model's).
+  Scalars (``lr``, ``eps``, ``keep_prob``, ...) are Python floats/ints.
+  Internal reductions (losses, sums of squares, BatchNorm statistics) are
+  accumulated in float64 and the results cast back to the array dtype.
+* Outputs are caller-owned arrays, written in full (never ``+=`` into
+  stale memory). Kernels allocate nothing the caller must keep.
+* An *empty* array (``size == 0``) in an optional output slot means "do not
+  compute this": a Dense layer without bias passes ``b``/``db`` of shape
+  ``(0,)``; the first layer passes ``dA_prev`` of shape ``(0, 0)``; a loss
+  evaluated without gradient passes ``dZ`` of shape ``(0, 0)``.
+* Aliasing allowed where stated ("may alias"); otherwise arrays are
+  distinct.
+* Activation codes: ``IDENTITY=0, RELU=1, TANH=2, SIGMOID=3``. Derivatives
+  are taken from the activation *output* ``A`` (ReLU: ``A > 0``, so 0 at 0;
+  tanh: ``1 - A**2``; sigmoid: ``A * (1 - A)``), so ``Z`` is never stored.
+
+Kernels (name: arguments -> return; what is written)
+----------------------------------------------------
+Dense
+  ``dense_forward(A_prev (m,n_in), W (n_in,n_out), b (n_out,)|(0,), act, out (m,n_out)) -> None``
+      ``out = g(A_prev @ W + b)``.
+  ``dense_backward(A_prev, W, out, dout (m,n_out), act, l2_over_m, dZ (m,n_out),
+  dW (n_in,n_out), db (n_out,)|(0,), dA_prev (m,n_in)|(0,0)) -> None``
+      ``dZ = dout * g'(out)`` (``dZ`` may alias ``dout``);
+      ``dW = A_prev.T @ dZ + l2_over_m * W``; ``db = dZ.sum(0)``;
+      ``dA_prev = dZ @ W.T``.
+Activations (a standalone activation layer, e.g. after BatchNorm)
+  ``activation_forward(Z, act, out) -> None``  (``out`` may alias ``Z``)
+  ``activation_backward(out, dout, act, dZ) -> None``  (``dZ`` may alias ``dout``)
+BatchNorm (per feature over the batch; SPEC.md "Batch normalisation")
+  ``batchnorm_forward_train(Z (m,n), gamma (n,), beta (n,), eps, momentum,
+  running_mean (n,), running_var (n,), mean (n,), inv_std (n,), out (m,n)) -> None``
+      writes ``mean``, ``inv_std = 1/sqrt(var + eps)`` (biased var), ``out``;
+      updates ``running_* = momentum*running_* + (1-momentum)*batch_*`` in place.
+  ``batchnorm_forward_infer(Z, gamma, beta, running_mean, running_var, eps, out) -> None``
+  ``batchnorm_backward(Z, gamma, mean, inv_std, dout, dZ, dgamma, dbeta) -> None``
+      ``dgamma = sum(dout*x_hat)``, ``dbeta = sum(dout)``,
+      ``dZ = gamma*inv_std/m * (m*dout - dbeta - x_hat*dgamma)``; ``dZ`` may
+      alias ``dout`` (pass 2 reads each element once before writing it).
+Losses (return the MEAN loss over the m rows as a Python float; no L2 term)
+  ``softmax_cross_entropy(Z (m,k), y int64 (m,), dZ (m,k)|(0,0)) -> float``
+      ``logsumexp(z) - z_y``; ``dZ = (softmax(Z) - onehot(y)) / m``.
+  ``softmax(Z, out) -> None``  (row-wise, max-shifted)
+  ``sigmoid_bce(Z (m,1), y (m,) float 0/1, dZ (m,1)|(0,0)) -> float``
+      ``max(z,0) - z*y + log1p(exp(-|z|))``; ``dZ = (sigmoid(z) - y) / m``.
+  ``mse(Yhat (m,k), Y (m,k), dZ (m,k)|(0,0)) -> float``
+      ``0.5 * ||yhat - y||^2`` per row; ``dZ = (yhat - y) / m``.
+Dropout (inverted; counter-based mask, see below)
+  ``dropout_forward(A (m,n), keep_prob, seed, step, layer, mask uint8 (m,n), out (m,n)) -> None``
+      ``mask = dropout bits``; ``out = A * mask / keep_prob`` (``out`` may alias ``A``).
+  ``dropout_backward(dout, mask, keep_prob, dA) -> None``  (``dA`` may alias ``dout``)
+Optimisers (one fused pass over flat 1-D arrays; ``t`` counts updates from 1)
+  ``sgd_step(params, grads, lr) -> None``
+  ``momentum_step(params, grads, v, lr, beta, t, bias_correction: bool) -> None``
+  ``rmsprop_step(params, grads, s, lr, beta2, eps) -> None``
+  ``adam_step(params, grads, v, s, lr, beta1, beta2, eps, t) -> None``
+Reductions
+  ``sum_squares(x 1-D) -> float``  (the L2 cost, accumulated in float64)
+
+The dropout generator (bit-for-bit identical in every backend)
+--------------------------------------------------------------
+All arithmetic is on unsigned 64-bit integers modulo 2**64::
+
+    mix64(x):  x ^= x >> 30; x *= 0xBF58476D1CE4E5B9
+               x ^= x >> 27; x *= 0x94D049BB133111EB
+               x ^= x >> 31
+    G    = 0x9E3779B97F4A7C15
+    key  = mix64(mix64(mix64(seed + G) ^ step) ^ layer)
+    bits(e) = mix64(key + (e + 1) * G) >> 32          # e = i*n + j, row-major
+    keep(e) = bits(e) < threshold,  threshold = uint64(keep_prob * 2**32)
+
+``keep_prob * 2**32`` is computed in float64 and truncated. Each element's
+bit depends only on (seed, step, layer, e), never on threads or chunking.
+``keep_prob == 1`` is handled by the caller (the layer is the identity and
+draws nothing).
+"""
+from __future__ import annotations
+
+IDENTITY, RELU, TANH, SIGMOID = 0, 1, 2, 3
+ACTIVATION_CODES = {"identity": IDENTITY, "relu": RELU, "tanh": TANH, "sigmoid": SIGMOID}
+
+KERNELS: tuple[str, ...] = (
+    "dense_forward",
+    "dense_backward",
+    "activation_forward",
+    "activation_backward",
+    "batchnorm_forward_train",
+    "batchnorm_forward_infer",
+    "batchnorm_backward",
+    "softmax_cross_entropy",
+    "softmax",
+    "sigmoid_bce",
+    "mse",
+    "dropout_forward",
+    "dropout_backward",
+    "sgd_step",
+    "momentum_step",
+    "rmsprop_step",
+    "adam_step",
+    "sum_squares",
+)
+
+MIX_C1 = 0xBF58476D1CE4E5B9
+MIX_C2 = 0x94D049BB133111EB
+GOLDEN = 0x9E3779B97F4A7C15
+MASK64 = (1 << 64) - 1
+
+
+def mix64_int(x: int) -> int:
+    """splitmix64 finaliser on a Python int (used to derive per-call keys)."""
+    x &= MASK64
+    x ^= x >> 30
+    x = (x * MIX_C1) & MASK64
+    x ^= x >> 27
+    x = (x * MIX_C2) & MASK64
+    x ^= x >> 31
+    return x
+
+
+def dropout_key(seed: int, step: int, layer: int) -> int:
+    """The 64-bit key of one dropout call, as the contract defines it."""
+    return mix64_int(mix64_int(mix64_int(seed + GOLDEN) ^ (step & MASK64)) ^ (layer & MASK64))
+
+
+def keep_threshold(keep_prob: float) -> int:
+    """Integer threshold on the 32 high bits: keep when bits < threshold."""
+    return int(float(keep_prob) * 4294967296.0)

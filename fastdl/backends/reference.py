@@ -1,0 +1,207 @@
+"""The reference backend: plain NumPy, straight from SPEC.md.
+
+Written for clarity, not speed; it is the oracle every compiled backend is
+tested against. Signatures and semantics: :mod:`fastdl.backends.contract`.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .contract import GOLDEN, IDENTITY, MIX_C1, MIX_C2, RELU, SIGMOID, TANH, dropout_key, keep_threshold
+
+# --------------------------------------------------------------------------- activations
+
+
+def _apply_activation(Z: np.ndarray, act: int, out: np.ndarray) -> None:
+    if act == IDENTITY:
+        if out is not Z:
+            out[...] = Z
+    elif act == RELU:
+        np.maximum(Z, 0, out=out)
+    elif act == TANH:
+        np.tanh(Z, out=out)
+    elif act == SIGMOID:
+        # Stable for large |z|: exp of a non-positive number only.
+        e = np.exp(-np.abs(Z))
+        out[...] = np.where(Z >= 0, 1 / (1 + e), e / (1 + e))
+    else:
+        raise ValueError(f"unknown activation code {act}")
+
+
+def _activation_grad(A: np.ndarray, dA: np.ndarray, act: int, dZ: np.ndarray) -> None:
+    if act == IDENTITY:
+        if dZ is not dA:
+            dZ[...] = dA
+    elif act == RELU:
+        np.multiply(dA, A > 0, out=dZ)
+    elif act == TANH:
+        np.multiply(dA, 1 - A * A, out=dZ)
+    elif act == SIGMOID:
+        np.multiply(dA, A * (1 - A), out=dZ)
+    else:
+        raise ValueError(f"unknown activation code {act}")
+
+
+def activation_forward(Z: np.ndarray, act: int, out: np.ndarray) -> None:
+    _apply_activation(Z, act, out)
+
+
+def activation_backward(out: np.ndarray, dout: np.ndarray, act: int, dZ: np.ndarray) -> None:
+    _activation_grad(out, dout, act, dZ)
+
+
+# --------------------------------------------------------------------------- dense
+
+
+def dense_forward(A_prev, W, b, act: int, out) -> None:
+    np.matmul(A_prev, W, out=out)
+    if b.size:
+        out += b
+    _apply_activation(out, act, out)
+
+
+def dense_backward(A_prev, W, out, dout, act: int, l2_over_m: float, dZ, dW, db, dA_prev) -> None:
+    _activation_grad(out, dout, act, dZ)
+    np.matmul(A_prev.T, dZ, out=dW)
+    if l2_over_m != 0.0:
+        dW += l2_over_m * W
+    if db.size:
+        np.sum(dZ, axis=0, out=db)
+    if dA_prev.size:
+        np.matmul(dZ, W.T, out=dA_prev)
+
+
+# --------------------------------------------------------------------------- batchnorm
+
+
+def batchnorm_forward_train(Z, gamma, beta, eps: float, momentum: float,
+                            running_mean, running_var, mean, inv_std, out) -> None:
+    Z64 = Z.astype(np.float64)
+    mu = Z64.mean(axis=0)
+    var = ((Z64 - mu) ** 2).mean(axis=0)
+    mean[...] = mu
+    inv_std[...] = 1.0 / np.sqrt(var + eps)
+    out[...] = gamma * ((Z64 - mu) / np.sqrt(var + eps)) + beta
+    running_mean[...] = momentum * running_mean + (1 - momentum) * mu
+    running_var[...] = momentum * running_var + (1 - momentum) * var
+
+
+def batchnorm_forward_infer(Z, gamma, beta, running_mean, running_var, eps: float, out) -> None:
+    out[...] = gamma * (Z - running_mean) / np.sqrt(running_var + eps) + beta
+
+
+def batchnorm_backward(Z, gamma, mean, inv_std, dout, dZ, dgamma, dbeta) -> None:
+    m = Z.shape[0]
+    x_hat = (Z.astype(np.float64) - mean) * inv_std
+    dy = dout.astype(np.float64)
+    dg = (dy * x_hat).sum(axis=0)
+    db = dy.sum(axis=0)
+    dgamma[...] = dg
+    dbeta[...] = db
+    dZ[...] = gamma * inv_std / m * (m * dy - db - x_hat * dg)
+
+
+# --------------------------------------------------------------------------- losses
+
+
+def softmax(Z, out) -> None:
+    shifted = Z - Z.max(axis=1, keepdims=True)
+    e = np.exp(shifted)
+    out[...] = e / e.sum(axis=1, keepdims=True)
+
+
+def softmax_cross_entropy(Z, y, dZ) -> float:
+    m = Z.shape[0]
+    Z64 = Z.astype(np.float64)
+    zmax = Z64.max(axis=1, keepdims=True)
+    lse = np.log(np.exp(Z64 - zmax).sum(axis=1)) + zmax[:, 0]
+    loss = float(np.mean(lse - Z64[np.arange(m), y]))
+    if dZ.size:
+        p = np.exp(Z64 - lse[:, None])
+        p[np.arange(m), y] -= 1.0
+        dZ[...] = p / m
+    return loss
+
+
+def sigmoid_bce(Z, y, dZ) -> float:
+    m = Z.shape[0]
+    z = Z[:, 0].astype(np.float64)
+    t = y.astype(np.float64)
+    loss = float(np.mean(np.maximum(z, 0) - z * t + np.log1p(np.exp(-np.abs(z)))))
+    if dZ.size:
+        p = np.empty_like(z)
+        _apply_activation(z, SIGMOID, p)
+        dZ[:, 0] = (p - t) / m
+    return loss
+
+
+def mse(Yhat, Y, dZ) -> float:
+    m = Yhat.shape[0]
+    diff = Yhat.astype(np.float64) - Y
+    loss = float(0.5 * np.sum(diff * diff) / m)
+    if dZ.size:
+        dZ[...] = diff / m
+    return loss
+
+
+# --------------------------------------------------------------------------- dropout
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    # uint64 array arithmetic wraps modulo 2**64, as the contract requires.
+    x = x ^ (x >> np.uint64(30))
+    x = x * np.uint64(MIX_C1)
+    x = x ^ (x >> np.uint64(27))
+    x = x * np.uint64(MIX_C2)
+    return x ^ (x >> np.uint64(31))
+
+
+def dropout_mask(seed: int, step: int, layer: int, keep_prob: float, mask) -> None:
+    """Fill the uint8 ``mask`` with the contract's keep bits (1 = keep)."""
+    key = np.uint64(dropout_key(seed, step, layer))
+    e = np.arange(1, mask.size + 1, dtype=np.uint64)
+    bits = _mix64(key + e * np.uint64(GOLDEN)) >> np.uint64(32)
+    mask.reshape(-1)[...] = bits < np.uint64(keep_threshold(keep_prob))
+
+
+def dropout_forward(A, keep_prob: float, seed: int, step: int, layer: int, mask, out) -> None:
+    dropout_mask(seed, step, layer, keep_prob, mask)
+    out[...] = A * mask / A.dtype.type(keep_prob)
+
+
+def dropout_backward(dout, mask, keep_prob: float, dA) -> None:
+    dA[...] = dout * mask / dout.dtype.type(keep_prob)
+
+
+# --------------------------------------------------------------------------- optimisers
+
+
+def sgd_step(params, grads, lr: float) -> None:
+    params -= lr * grads
+
+
+def momentum_step(params, grads, v, lr: float, beta: float, t: int, bias_correction: bool) -> None:
+    v[...] = beta * v + (1 - beta) * grads
+    scale = lr / (1 - beta ** t) if bias_correction else lr
+    params -= scale * v
+
+
+def rmsprop_step(params, grads, s, lr: float, beta2: float, eps: float) -> None:
+    s[...] = beta2 * s + (1 - beta2) * grads * grads
+    params -= lr * grads / (np.sqrt(s) + eps)
+
+
+def adam_step(params, grads, v, s, lr: float, beta1: float, beta2: float, eps: float, t: int) -> None:
+    v[...] = beta1 * v + (1 - beta1) * grads
+    s[...] = beta2 * s + (1 - beta2) * grads * grads
+    v_hat = v / (1 - beta1 ** t)
+    s_hat = s / (1 - beta2 ** t)
+    params -= lr * v_hat / (np.sqrt(s_hat) + eps)
+
+
+# --------------------------------------------------------------------------- reductions
+
+
+def sum_squares(x) -> float:
+    x64 = x.astype(np.float64)
+    return float(np.dot(x64, x64))

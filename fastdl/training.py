@@ -1,0 +1,191 @@
+"""The training loop: batches, schedule, callbacks. Nothing else.
+
+The per-step work is: gather a mini-batch into preallocated buffers, one
+forward/backward through the kernels, one fused optimiser step.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+import warnings
+from typing import TYPE_CHECKING, Any, Iterable
+
+import numpy as np
+
+from ._validation import check_positive
+from .callbacks import Callback
+from .data import epoch_permutation
+from .optim import Adam, Optimizer
+from .schedules import Schedule, get_schedule
+
+if TYPE_CHECKING:
+    from .model import Sequential
+
+
+class TrainingDiverged(FloatingPointError):
+    """The cost or gradients became NaN or infinite during training."""
+
+
+class History:
+    """What :func:`fit` records.
+
+    ``history`` maps ``'loss'``, ``'error'`` (training mini-batches, training
+    mode, mean data loss without the L2 term), ``'cost'`` (mean ``J``
+    including L2), ``'val_loss'``, ``'val_error'`` (inference mode on the
+    validation set) and ``'lr'`` to per-epoch lists; ``batch_cost`` is ``J`` of
+    every mini-batch (what the course plots).
+    """
+
+    def __init__(self) -> None:
+        self.history: dict[str, list[float]] = {}
+        self.batch_cost: list[float] = []
+        self.epoch: list[int] = []
+        self.time: float = 0.0
+
+    def record(self, epoch: int, logs: dict[str, float]) -> None:
+        self.epoch.append(epoch)
+        for k, v in logs.items():
+            self.history.setdefault(k, []).append(float(v))
+
+    def __getitem__(self, key: str) -> list[float]:
+        return self.history[key]
+
+    def __repr__(self) -> str:
+        last = {k: round(v[-1], 5) for k, v in self.history.items() if v}
+        return f"History(epochs={len(self.epoch)}, last={last})"
+
+
+def _batches(m: int, batch_size: int) -> list[tuple[int, int]]:
+    return [(s, min(s + batch_size, m)) for s in range(0, m, batch_size)]
+
+
+def fit(model: "Sequential", X, y, *, optimizer: Optimizer | None = None, epochs: int = 10,
+        batch_size: int = 64, validation_data: tuple[Any, Any] | None = None,
+        lr_schedule: "Schedule | str | None" = None, callbacks: Iterable[Callback] = (),
+        verbose: int = 0, shuffle: bool = True) -> History:
+    """Train ``model`` with mini-batch gradient descent.
+
+    Parameters
+    ----------
+    optimizer : Optimizer, default ``Adam()``
+        Its state persists across calls (continue training by calling again).
+    epochs, batch_size : int
+        Each epoch shuffles (seeded by the model seed and epoch number) and
+        cuts batches of ``batch_size``; the last may be smaller. ``batch_size``
+        larger than the data is clipped (batch gradient descent).
+    validation_data : (X_dev, y_dev), optional
+        Evaluated in inference mode after each epoch (``val_loss``, ``val_error``).
+    lr_schedule : Schedule or name, optional
+        ``lr = schedule(optimizer.lr, epoch, step)``.
+    callbacks : list of Callback
+        e.g. ``EarlyStopping(patience=5)``.
+    verbose : int
+        0 silent; 1 a progress bar with the smoothed cost when stderr is a
+        terminal; 2 one line per epoch.
+
+    Returns
+    -------
+    History
+    """
+    X = model.check_X(X)
+    m = X.shape[0]
+    y = model.check_y(y, m)
+    epochs = check_positive("epochs", epochs, integer=True, allow_zero=True)
+    batch_size = check_positive("batch_size", batch_size, integer=True)
+    if batch_size > m:
+        warnings.warn(f"batch_size={batch_size} is larger than the {m} examples; using {m}", stacklevel=3)
+        batch_size = m
+    val = None
+    if validation_data is not None:
+        if not isinstance(validation_data, (tuple, list)) or len(validation_data) != 2:
+            raise ValueError("validation_data must be a tuple (X_dev, y_dev)")
+        Xv = model.check_X(validation_data[0])
+        val = (Xv, model.check_y(validation_data[1], Xv.shape[0]))
+    if optimizer is None:
+        optimizer = Adam()
+    if not isinstance(optimizer, Optimizer):
+        raise TypeError(f"optimizer must be a fastdl optimizer (fd.Adam(...)), got {type(optimizer).__name__}")
+    if optimizer.backend is None:
+        optimizer.backend = model.kernels
+    schedule = get_schedule(lr_schedule)
+    callbacks = list(callbacks)
+
+    history = History()
+    model.history = history
+    model.stop_training = False
+    logs0 = {"has_validation": val is not None}
+    for cb in callbacks:
+        cb.on_train_begin(model, logs0)
+
+    # Mini-batch buffers, allocated once: a full batch and the smaller last one.
+    spans = _batches(m, batch_size)
+    xbuf = {e - s: np.empty((e - s, X.shape[1]), model.dtype) for s, e in spans[-1:] + spans[:1]}
+    ybuf = {e - s: np.empty((e - s,) + y.shape[1:], y.dtype) for s, e in spans[-1:] + spans[:1]}
+    bar = _progress(verbose, len(spans) * epochs)
+    ewa, ewa_beta, n_cost = 0.0, 0.98, 0
+    t0 = time.perf_counter()
+    try:
+        for epoch in range(epochs):
+            perm = epoch_permutation(m, model.seed, epoch) if shuffle else np.arange(m)
+            sum_loss = sum_cost = 0.0
+            n_wrong = 0
+            lr = optimizer.lr
+            for s, e in spans:
+                xb, yb = xbuf[e - s], ybuf[e - s]
+                np.take(X, perm[s:e], axis=0, out=xb)
+                np.take(y, perm[s:e], axis=0, out=yb)
+                data_loss, l2_term, logits = model._loss_and_grads(xb, yb, dropout=True, n_total=m,
+                                                                   step=model.step_count)
+                J = data_loss + l2_term
+                if not math.isfinite(J):
+                    raise TrainingDiverged(
+                        f"cost became {J} at epoch {epoch}, step {model.step_count + 1}; "
+                        f"the learning rate ({lr:g}) is probably too high, or the inputs are badly scaled")
+                lr = schedule(optimizer.lr, epoch, optimizer.t + 1)
+                optimizer.step(model.params, model.grads, lr=lr)
+                model.step_count += 1
+                history.batch_cost.append(J)
+                sum_loss += data_loss * (e - s)
+                sum_cost += J * (e - s)
+                if model.loss.classifier:
+                    n_wrong += int(np.count_nonzero(model.loss.predict_from_outputs(logits) != yb))
+                if bar is not None:
+                    n_cost += 1
+                    ewa = ewa_beta * ewa + (1 - ewa_beta) * J
+                    bar.set_postfix_str(f"epoch {epoch + 1}/{epochs} cost {ewa / (1 - ewa_beta ** n_cost):.4f}",
+                                        refresh=False)
+                    bar.update(1)
+            logs: dict[str, float] = {"loss": sum_loss / m, "cost": sum_cost / m, "lr": lr}
+            if model.loss.classifier:
+                logs["error"] = n_wrong / m
+            if val is not None:
+                ev = model.evaluate(*val)
+                logs["val_loss"] = ev["loss"]
+                if "error" in ev:
+                    logs["val_error"] = ev["error"]
+            history.record(epoch, logs)
+            if verbose >= 2:
+                print(f"epoch {epoch + 1}/{epochs} " + " ".join(f"{k}={v:.4g}" for k, v in logs.items()),
+                      flush=True)
+            for cb in callbacks:
+                cb.on_epoch_end(model, epoch, logs)
+            if model.stop_training:
+                break
+    finally:
+        if bar is not None:
+            bar.close()
+        history.time = time.perf_counter() - t0
+    for cb in callbacks:
+        cb.on_train_end(model, {})
+    return history
+
+
+def _progress(verbose: int, total: int):
+    if verbose < 1 or not sys.stderr.isatty():
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # tqdm is a dependency, but training must not need it
+        return None
+    return tqdm(total=total, unit="batch", leave=False, file=sys.stderr)
