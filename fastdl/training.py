@@ -9,7 +9,7 @@ import math
 import sys
 import time
 import warnings
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import numpy as np
 
@@ -42,6 +42,8 @@ class History:
         self.batch_cost: list[float] = []
         self.epoch: list[int] = []
         self.time: float = 0.0
+        #: per parameter array: {'weight': [norm per epoch], 'grad': [norm of the epoch's last batch gradient]}
+        self.norms: dict[str, dict[str, list[float]]] = {}
 
     def record(self, epoch: int, logs: dict[str, float]) -> None:
         self.epoch.append(epoch)
@@ -63,7 +65,8 @@ def _batches(m: int, batch_size: int) -> list[tuple[int, int]]:
 def fit(model: "Sequential", X, y, *, optimizer: Optimizer | None = None, epochs: int = 10,
         batch_size: int = 64, validation_data: tuple[Any, Any] | None = None,
         lr_schedule: "Schedule | str | None" = None, callbacks: Iterable[Callback] = (),
-        verbose: int = 0, shuffle: bool = True) -> History:
+        verbose: int = 0, shuffle: bool = True,
+        augment: "Callable[[np.ndarray, np.random.Generator], np.ndarray] | None" = None) -> History:
     """Train ``model`` with mini-batch gradient descent.
 
     Parameters
@@ -83,6 +86,10 @@ def fit(model: "Sequential", X, y, *, optimizer: Optimizer | None = None, epochs
     verbose : int
         0 silent; 1 a progress bar with the smoothed cost when stderr is a
         terminal; 2 one line per epoch.
+    augment : callable, optional
+        ``augment(X_batch, rng) -> X_batch`` applied to each training
+        mini-batch (e.g. :func:`fastdl.augment.Augmenter`); ``rng`` is seeded
+        by (model seed, step) so augmentation is reproducible.
 
     Returns
     -------
@@ -135,6 +142,8 @@ def fit(model: "Sequential", X, y, *, optimizer: Optimizer | None = None, epochs
                 xb, yb = xbuf[e - s], ybuf[e - s]
                 np.take(X, perm[s:e], axis=0, out=xb)
                 np.take(y, perm[s:e], axis=0, out=yb)
+                if augment is not None:
+                    xb = _augmented(augment, xb, model.seed, model.step_count, model)
                 data_loss, l2_term, logits = model._loss_and_grads(xb, yb, dropout=True, n_total=m,
                                                                    step=model.step_count)
                 J = data_loss + l2_term
@@ -165,6 +174,7 @@ def fit(model: "Sequential", X, y, *, optimizer: Optimizer | None = None, epochs
                 if "error" in ev:
                     logs["val_error"] = ev["error"]
             history.record(epoch, logs)
+            _record_norms(model, history, epoch)
             if verbose >= 2:
                 print(f"epoch {epoch + 1}/{epochs} " + " ".join(f"{k}={v:.4g}" for k, v in logs.items()),
                       flush=True)
@@ -179,6 +189,37 @@ def fit(model: "Sequential", X, y, *, optimizer: Optimizer | None = None, epochs
     for cb in callbacks:
         cb.on_train_end(model, {})
     return history
+
+
+def _augmented(augment, xb: np.ndarray, seed: int, step: int, model) -> np.ndarray:
+    rng = np.random.default_rng([seed, step, 0xA06])
+    out = augment(xb, rng)
+    if not isinstance(out, np.ndarray) or out.shape != xb.shape:
+        raise ValueError(f"augment must return an array of shape {xb.shape}, got "
+                         f"{getattr(out, 'shape', type(out).__name__)}")
+    return np.ascontiguousarray(out, dtype=model.dtype)
+
+
+VANISHING, EXPLODING = 1e-7, 1e3
+
+
+def _record_norms(model, history: History, epoch: int) -> None:
+    """Per-array weight and gradient norms; warn on vanishing or exploding gradients."""
+    K = model.kernels
+    for name, w, g in model.parameter_arrays():
+        wn = math.sqrt(K.sum_squares(w))
+        gn = math.sqrt(K.sum_squares(g))
+        rec = history.norms.setdefault(name, {"weight": [], "grad": []})
+        rec["weight"].append(wn)
+        rec["grad"].append(gn)
+        if not math.isfinite(gn) or gn > EXPLODING * max(wn, 1.0):
+            warnings.warn(f"exploding gradient in {name} at epoch {epoch}: |grad| = {gn:.3g}, "
+                          f"|weights| = {wn:.3g}; lower the learning rate or add BatchNorm", RuntimeWarning,
+                          stacklevel=3)
+        elif name.endswith(".W") and gn < VANISHING * max(wn, 1.0):
+            warnings.warn(f"vanishing gradient in {name} at epoch {epoch}: |grad| = {gn:.3g}, "
+                          f"|weights| = {wn:.3g}; consider ReLU, He init or BatchNorm", RuntimeWarning,
+                          stacklevel=3)
 
 
 def _progress(verbose: int, total: int):
