@@ -6,6 +6,7 @@ forward/backward through the kernels, one fused optimiser step.
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 import warnings
@@ -66,7 +67,9 @@ def fit(model: "Sequential", X, y, *, optimizer: Optimizer | None = None, epochs
         batch_size: int = 64, validation_data: tuple[Any, Any] | None = None,
         lr_schedule: "Schedule | str | None" = None, callbacks: Iterable[Callback] = (),
         verbose: int = 0, shuffle: bool = True,
-        augment: "Callable[[np.ndarray, np.random.Generator], np.ndarray] | None" = None) -> History:
+        augment: "Callable[[np.ndarray, np.random.Generator], np.ndarray] | None" = None,
+        initial_epoch: int = 0, checkpoint: "str | os.PathLike | None" = None, checkpoint_every: int = 1,
+        resume: bool = False) -> History:
     """Train ``model`` with mini-batch gradient descent.
 
     Parameters
@@ -90,6 +93,17 @@ def fit(model: "Sequential", X, y, *, optimizer: Optimizer | None = None, epochs
         ``augment(X_batch, rng) -> X_batch`` applied to each training
         mini-batch (e.g. :func:`fastdl.augment.Augmenter`); ``rng`` is seeded
         by (model seed, step) so augmentation is reproducible.
+    initial_epoch : int
+        Epoch number to start from (continue a previous ``fit`` call: the
+        shuffle order and schedule carry on instead of restarting).
+    checkpoint : path, optional
+        Save params, BatchNorm statistics, optimiser state, epoch/step
+        counters and history there every ``checkpoint_every`` epochs,
+        atomically (a kill mid-save keeps the previous checkpoint).
+    resume : bool
+        If ``checkpoint`` exists, load it and continue from the epoch after
+        the one it saved; the result is bit-identical to an uninterrupted run
+        (same seed, backend and thread count).
 
     Returns
     -------
@@ -118,7 +132,14 @@ def fit(model: "Sequential", X, y, *, optimizer: Optimizer | None = None, epochs
     schedule = get_schedule(lr_schedule)
     callbacks = list(callbacks)
 
+    initial_epoch = check_positive("initial_epoch", initial_epoch, integer=True, allow_zero=True)
+    checkpoint_every = check_positive("checkpoint_every", checkpoint_every, integer=True)
+    run_info = {"n_examples": m, "batch_size": batch_size, "shuffle": bool(shuffle)}
     history = History()
+    if checkpoint is not None and resume and os.path.exists(checkpoint):
+        from .checkpoint import load_checkpoint
+
+        initial_epoch = load_checkpoint(checkpoint, model, optimizer, history, run_info)
     model.history = history
     model.stop_training = False
     logs0 = {"has_validation": val is not None}
@@ -129,11 +150,13 @@ def fit(model: "Sequential", X, y, *, optimizer: Optimizer | None = None, epochs
     spans = _batches(m, batch_size)
     xbuf = {e - s: np.empty((e - s, X.shape[1]), model.dtype) for s, e in spans[-1:] + spans[:1]}
     ybuf = {e - s: np.empty((e - s,) + y.shape[1:], y.dtype) for s, e in spans[-1:] + spans[:1]}
-    bar = _progress(verbose, len(spans) * epochs)
+    bar = _progress(verbose, len(spans) * max(epochs - initial_epoch, 0))
     ewa, ewa_beta, n_cost = 0.0, 0.98, 0
     t0 = time.perf_counter()
     try:
-        for epoch in range(epochs):
+        for epoch in range(initial_epoch, epochs):
+            # restored if this epoch diverges to non-finite values
+            snapshot = (model.params.copy(), model.state.copy())
             perm = epoch_permutation(m, model.seed, epoch) if shuffle else np.arange(m)
             sum_loss = sum_cost = 0.0
             n_wrong = 0
@@ -147,10 +170,8 @@ def fit(model: "Sequential", X, y, *, optimizer: Optimizer | None = None, epochs
                 data_loss, l2_term, logits = model._loss_and_grads(xb, yb, dropout=True, n_total=m,
                                                                    step=model.step_count)
                 J = data_loss + l2_term
-                if not math.isfinite(J):
-                    raise TrainingDiverged(
-                        f"cost became {J} at epoch {epoch}, step {model.step_count + 1}; "
-                        f"the learning rate ({lr:g}) is probably too high, or the inputs are badly scaled")
+                if not (math.isfinite(J) and math.isfinite(model.kernels.sum_squares(model.grads))):
+                    _diverged(model, snapshot, J, epoch, lr)
                 lr = schedule(optimizer.lr, epoch, optimizer.t + 1)
                 optimizer.step(model.params, model.grads, lr=lr)
                 model.step_count += 1
@@ -180,6 +201,11 @@ def fit(model: "Sequential", X, y, *, optimizer: Optimizer | None = None, epochs
                       flush=True)
             for cb in callbacks:
                 cb.on_epoch_end(model, epoch, logs)
+            if checkpoint is not None and ((epoch + 1) % checkpoint_every == 0 or epoch + 1 == epochs
+                                           or model.stop_training):
+                from .checkpoint import save_checkpoint
+
+                save_checkpoint(checkpoint, model, optimizer, history, next_epoch=epoch + 1, run_info=run_info)
             if model.stop_training:
                 break
     finally:
@@ -189,6 +215,17 @@ def fit(model: "Sequential", X, y, *, optimizer: Optimizer | None = None, epochs
     for cb in callbacks:
         cb.on_train_end(model, {})
     return history
+
+
+def _diverged(model, snapshot: tuple[np.ndarray, np.ndarray], J: float, epoch: int, lr: float) -> None:
+    restored = ""
+    if not (np.isfinite(model.params).all() and np.isfinite(model.state).all()):
+        model.params[...], model.state[...] = snapshot
+        restored = " Parameters were restored to the start of this epoch (the last finite ones)."
+    what = f"cost became {J}" if not math.isfinite(J) else "gradients became NaN or infinite"
+    raise TrainingDiverged(
+        f"training diverged: {what} at epoch {epoch}, step {model.step_count + 1}. The learning rate "
+        f"({lr:g}) is probably too high, or the inputs are badly scaled (standardise them).{restored}")
 
 
 def _augmented(augment, xb: np.ndarray, seed: int, step: int, model) -> np.ndarray:
