@@ -79,9 +79,10 @@ def _read(path) -> dict[str, np.ndarray]:
     if not path.is_file():
         raise FileNotFoundError(f"no model file at {str(path)!r}")
     try:
-        with np.load(path, allow_pickle=False) as z:
-            if not isinstance(z, np.lib.npyio.NpzFile):
-                raise ModelFileError(f"{path} is a bare .npy array, not a fastdl model file")
+        z = np.load(path, allow_pickle=False)
+        if not isinstance(z, np.lib.npyio.NpzFile):  # a bare .npy is an ndarray (no context manager)
+            raise ModelFileError(f"{path} is a bare .npy array, not a fastdl model file")
+        with z:
             data = {k: z[k] for k in z.files}
     except ModelFileError:
         raise

@@ -203,5 +203,6 @@ def adam_step(params, grads, v, s, lr: float, beta1: float, beta2: float, eps: f
 
 
 def sum_squares(x) -> float:
+    # Not np.dot: a threaded BLAS call on a small vector costs milliseconds on a busy machine.
     x64 = x.astype(np.float64)
-    return float(np.dot(x64, x64))
+    return float(np.sum(x64 * x64))
