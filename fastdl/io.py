@@ -103,11 +103,22 @@ def load_model(path: "str | os.PathLike", backend: str = "auto"):
     """Load a model saved by :meth:`Sequential.save` (see :func:`load_optimizer` for its optimiser)."""
     from .model import Sequential
 
+    from .layers import layer_from_config
+
     data = _read(path)
     try:
         config = json.loads(str(data["config"]))
+        # Check the declared sizes against the stored arrays BEFORE allocating anything,
+        # so a corrupt or hostile architecture cannot trigger a huge allocation.
+        n_declared = sum(int(np.prod(shape)) for d in config["layers"]
+                         for _, shape in layer_from_config(d["type"], d["config"]).param_specs())
+        if n_declared != data["params"].size:
+            raise ModelFileError(f"{path}: the architecture declares {n_declared} parameters but the file "
+                                 f"holds {data['params'].size} (too large, truncated, or another model's weights)")
         model = Sequential.from_config(config, backend=backend)
-    except (ValueError, KeyError, TypeError) as exc:
+    except ModelFileError:
+        raise
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ModelFileError(f"{path} holds an invalid architecture: {exc}") from None
     for key, target in (("params", model.params), ("state", model.state)):
         arr = data[key]
