@@ -113,8 +113,8 @@ def load_model(path: "str | os.PathLike", backend: str = "auto"):
         n_declared = sum(int(np.prod(shape)) for d in config["layers"]
                          for _, shape in layer_from_config(d["type"], d["config"]).param_specs())
         if n_declared != data["params"].size:
-            raise ModelFileError(f"{path}: the architecture declares {n_declared} parameters but the file "
-                                 f"holds {data['params'].size} (too large, truncated, or another model's weights)")
+            raise ModelFileError(f"{path}: 'params' has shape {data['params'].shape} but the architecture needs "
+                                 f"({n_declared},) (another model's weights, or a corrupt/too large declaration)")
         model = Sequential.from_config(config, backend=backend)
     except ModelFileError:
         raise
