@@ -16,10 +16,19 @@ from .layers import BatchNorm, Dense, Dropout, Identity, ReLU, Sigmoid, Tanh
 from .model import Sequential
 from .optim import SGD, Adam, Momentum, Optimizer, RMSprop
 from .training import History, TrainingDiverged
+from . import augment, plotting
+from .augment import Augmenter
+from .diagnose import Diagnosis, diagnose
+from .search import Choice, IntUniform, LogUniform, OneMinusLogUniform, SearchResult, Uniform, search
+from .smoothing import EWA, ewa
 
 __all__ = [
     "Adam", "BatchNorm", "Callback", "Dense", "Dropout", "EarlyStopping", "GradcheckReport", "History",
     "Identity", "ModelFileError", "Momentum", "Optimizer", "RMSprop", "ReLU", "SGD", "Sequential", "Sigmoid",
     "Tanh", "TrainingDiverged", "backends", "data", "datasets", "get_backend", "gradcheck", "load",
     "schedules",
+    # practitioner's toolkit (fd.search and fd.diagnose are the functions; their modules are
+    # fastdl.search / fastdl.diagnose: `from fastdl.search import LogUniform`)
+    "Augmenter", "Choice", "Diagnosis", "EWA", "IntUniform", "LogUniform", "OneMinusLogUniform", "SearchResult",
+    "Uniform", "augment", "diagnose", "ewa", "plotting", "search",
 ]
