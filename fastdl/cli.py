@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import builtins
 import sys
 import time
 from typing import Sequence
@@ -9,10 +10,11 @@ from typing import Sequence
 import numpy as np
 
 from . import layers as L
-from .backends import BACKEND_NAMES
+from .backends import BACKEND_NAMES, BackendUnavailable
 from .callbacks import EarlyStopping
 from .data import Standardizer, load_dataset, train_dev_test_split
 from .datasets import load_digits
+from .distributed import DistributedError
 from .model import Sequential
 from .optim import OPTIMIZERS, get_optimizer
 from .schedules import SCHEDULES, get_schedule
@@ -56,6 +58,18 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--save", default=None, help="write the trained model (and its standardizer) here")
     t.add_argument("--verbose", type=int, default=1, help="0 quiet, 1 progress bar on a terminal, 2 per epoch")
+    t.add_argument("--distributed", action="store_true",
+                   help="data-parallel training over MPI: run as `mpiexec -n N python -m fastdl train --distributed "
+                   "...`; --batch-size is per rank (global batch = N x batch size); only rank 0 prints and saves "
+                   "(needs pip install 'fastdl[mpi]')")
+    t.add_argument("--sync-batchnorm", action="store_true",
+                   help="with --distributed: BatchNorm statistics over the global batch instead of per rank")
+    t.add_argument("--optimal-error", type=float, default=0.0,
+                   help="optimal (Bayes / human-level) error for the bias/variance diagnosis printed after training")
+    t.add_argument("--plot", default=None, metavar="PATH",
+                   help="write learning curves (cost, error, mini-batch cost with its EWA, lr, gradient norms) "
+                   "to this image, e.g. curves.png (needs pip install 'fastdl[plot]')")
+    _add_search_parser(sub)
     return p
 
 
@@ -74,6 +88,7 @@ def build_mlp(n_in: int, hidden: Sequence[int], n_out: int, *, activation: str =
               batchnorm: bool = True, keep_prob: float = 1.0) -> list[L.Layer]:
     """Layers of an MLP: each hidden block Dense -> [BatchNorm] -> activation -> [Dropout]."""
     act = {"relu": L.ReLU, "tanh": L.Tanh, "sigmoid": L.Sigmoid}[activation]
+    keep_prob = L.check_unit_interval("keep_prob", keep_prob)  # 1.5 must not silently mean "no dropout"
     init = "he" if activation == "relu" else "xavier"
     out, d = [], n_in
     for h in hidden:
@@ -90,6 +105,15 @@ def build_mlp(n_in: int, hidden: Sequence[int], n_out: int, *, activation: str =
 
 def train(args) -> int:
     t_start = time.perf_counter()
+    if args.plot:
+        _check_plot(args.plot)
+    comm = None
+    if args.distributed:
+        from .distributed import world
+
+        comm = world()
+    # only rank 0 prints (and saves); the other ranks run the same code quietly
+    print = builtins.print if comm is None or comm.rank == 0 else _quiet  # noqa: A001
     if args.data:
         X, y = load_dataset(args.data)
         if y is None:
@@ -122,19 +146,147 @@ def train(args) -> int:
     t0 = time.perf_counter()
     history = model.fit(Xtr, ytr, optimizer=opt, epochs=args.epochs, batch_size=args.batch_size,
                         validation_data=(Xdv, ydv), lr_schedule=schedule, callbacks=callbacks,
-                        verbose=args.verbose)
+                        verbose=args.verbose, distributed=comm if comm is not None else False,
+                        sync_batchnorm=args.sync_batchnorm)
     t_fit = time.perf_counter() - t0
     results = {part: model.evaluate(Xp, yp) for part, Xp, yp in
                (("train", Xtr, ytr), ("dev", Xdv, ydv), ("test", Xte, yte))}
     print(f"trained {len(history.epoch)} epochs in {t_fit:.2f} s "
-          f"({len(ytr) * len(history.epoch) / t_fit:,.0f} examples/s, backend={args.backend})")
+          f"({len(ytr) * len(history.epoch) / t_fit:,.0f} examples/s, backend={args.backend}"
+          + (f", {comm.size} ranks x batch {args.batch_size}" if comm is not None else "") + ")")
     for part, r in results.items():
         print(f"{part:>5}: error {r['error']:.4f}  accuracy {r['accuracy']:.4f}  loss {r['loss']:.4f}")
-    if args.save:
+    from .diagnose import diagnose
+
+    print(diagnose(results["train"]["error"], results["dev"]["error"], optimal_error=args.optimal_error))
+    if args.plot and (comm is None or comm.rank == 0):
+        from .plotting import plot_history
+
+        plot_history(history, args.plot, title=f"fastdl train: {name}, hidden {args.hidden}")
+        print(f"wrote learning curves to {args.plot}")
+    if args.save and (comm is None or comm.rank == 0):
         from .io import save_model
 
         save_model(model, args.save, optimizer=opt, metadata={"standardizer": scaler.to_dict()})
         print(f"saved model to {args.save}")
+    print(f"total time {time.perf_counter() - t_start:.2f} s")
+    return 0
+
+
+def _quiet(*args, **kwargs) -> None:
+    pass
+
+
+# ------------------------------------------------------------------ fastdl search
+#: What ``fastdl search`` samples unless --param overrides it.
+SEARCH_SPACE_DEFAULT = (
+    "lr=log:1e-4:1e-1", "l2=log:1e-5:1e-1", "units=intlog:16:256", "n_layers=int:1:3",
+    "keep_prob=uniform:0.6:1.0", "batchnorm=choice:true,false", "beta1=beta:0.8:0.99",
+    "batch_size=choice:16,32,64,128",
+)
+
+
+def _add_search_parser(sub) -> None:
+    s = sub.add_parser(
+        "search", help="random hyperparameter search (coarse to fine, in parallel) with a ranked table",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Random search over MLP settings, scored on the dev set. The default space samples "
+        + ", ".join(SEARCH_SPACE_DEFAULT) + ". Override or add settings with --param NAME=SPEC, SPEC one of "
+        "log:LOW:HIGH, uniform:LOW:HIGH, int:LOW:HIGH, intlog:LOW:HIGH, beta:MIN:MAX (1-beta on a log scale), "
+        "choice:A,B,... or a constant (e.g. --param batchnorm=false, --param hidden=choice:64,128x64).")
+    s.add_argument("--data", default=None, help="data file (.npz with X/y, .csv with the label last, IDX); "
+                   "default: the bundled 8x8 digits")
+    s.add_argument("--param", action="append", default=[], metavar="NAME=SPEC",
+                   help="a setting to sample or fix (repeatable)")
+    s.add_argument("--trials", type=int, default=20, help="trials per round")
+    s.add_argument("--rounds", type=int, default=2, help="coarse-to-fine rounds")
+    s.add_argument("--top-k", type=int, default=3, help="best trials the next round's ranges shrink around")
+    s.add_argument("--shrink", type=float, default=0.5, help="range width factor per round")
+    s.add_argument("--epochs", type=int, default=10, help="epochs per trial (unless --param epochs=...)")
+    s.add_argument("--n-jobs", type=int, default=-1, help="local worker processes (-1 = all cores, 1 = serial)")
+    s.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                   help="run the trials on this Dask scheduler, e.g. tcp://10.0.0.5:8786 "
+                   "(needs pip install 'fastdl[dask]')")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--backend", choices=list(BACKEND_NAMES) + ["auto"], default="auto")
+    s.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    s.add_argument("--top", type=int, default=20, help="rows of the ranked table (0 = all)")
+    s.add_argument("--optimal-error", type=float, default=0.0, help="for the diagnosis of the best model")
+    s.add_argument("--save", default=None, help="write the best model (and its standardizer) here")
+    s.add_argument("--plot", default=None, metavar="PATH",
+                   help="write dev error against each sampled setting to this image (needs 'fastdl[plot]')")
+    s.add_argument("--verbose", type=int, default=1, help="0 quiet, 1 one line per round")
+
+
+def _check_plot(path: str) -> None:
+    """Fail before training, not after, when plots cannot be written."""
+    from .plotting import _mpl
+
+    _mpl()
+
+
+def _labelled_split(args):
+    if args.data:
+        X, y = load_dataset(args.data)
+        if y is None:
+            raise SystemExit(f"fastdl: {args.data} has no labels")
+        name = args.data
+    else:
+        X, y = load_digits()
+        name = "digits (8x8, bundled)"
+    y = np.asarray(y)
+    if y.dtype.kind == "f":
+        if not np.all(y == np.round(y)):
+            raise SystemExit(f"fastdl {args.command}: labels must be class ids (whole numbers)")
+        y = y.astype(np.int64)
+    parts = train_dev_test_split(X, y, seed=args.seed, stratify=True)
+    scaler = Standardizer().fit(parts[0])
+    Xtr, Xdv, Xte = (scaler.transform(a) for a in parts[:3])
+    return name, X.shape, (Xtr, Xdv, Xte) + tuple(parts[3:]), scaler
+
+
+def search_command(args) -> int:
+    """``fastdl search``: random search on a data file, ranked table, best model's test error."""
+    from .diagnose import diagnose
+    from .search import parse_setting, search
+
+    t_start = time.perf_counter()
+    if args.plot:
+        _check_plot(args.plot)
+    space = dict(parse_setting(p) for p in SEARCH_SPACE_DEFAULT)
+    space["epochs"] = args.epochs
+    for p in args.param:
+        k, v = parse_setting(p)
+        space[k] = v
+    if "hidden" in space:  # explicit architectures replace the n_layers x units parametrisation
+        space.pop("n_layers", None)
+        space.pop("units", None)
+    name, shape, (Xtr, Xdv, Xte, ytr, ydv, yte), scaler = _labelled_split(args)
+    print(f"data: {name}: {shape[0]} examples, {shape[1]} features; "
+          f"split train/dev/test = {len(ytr)}/{len(ydv)}/{len(yte)}")
+    print("space: " + ", ".join(f"{k}={v!r}" for k, v in space.items()))
+    result = search(space, Xtr, ytr, validation_data=(Xdv, ydv), n_trials=args.trials, rounds=args.rounds,
+                    top_k=args.top_k, shrink=args.shrink, seed=args.seed, n_jobs=args.n_jobs,
+                    scheduler=args.scheduler, backend=args.backend, dtype=args.dtype, verbose=args.verbose)
+    n = len(result.trials)
+    print(f"{n} trials in {result.time:.2f} s on {result.executor}")
+    print(result.table(args.top or None))
+    best, model = result.best_trial, result.best_model
+    print(f"best: trial {best.id} (round {best.round}): " + ", ".join(f"{k}={v}" for k, v in best.settings.items()))
+    te = model.evaluate(Xte, yte)
+    print(f"best model: train error {best.train_error:.4f}  dev error {best.dev_error:.4f}  "
+          f"test error {te['error']:.4f}")
+    print(diagnose(best.train_error, best.dev_error, optimal_error=args.optimal_error))
+    if args.plot:
+        result.plot(args.plot)
+        print(f"wrote the search plot to {args.plot}")
+    if args.save:
+        from .io import save_model
+
+        save_model(model, args.save, metadata={"standardizer": scaler.to_dict(), "search_settings":
+                                               {k: list(v) if isinstance(v, tuple) else v
+                                                for k, v in best.settings.items()}})
+        print(f"saved the best model to {args.save}")
     print(f"total time {time.perf_counter() - t_start:.2f} s")
     return 0
 
@@ -145,7 +297,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "train":
             return train(args)
-    except (ValueError, TypeError, FileNotFoundError) as exc:
+        if args.command == "search":
+            return search_command(args)
+    except (ValueError, TypeError, FileNotFoundError, BackendUnavailable, DistributedError, ImportError) as exc:
         print(f"fastdl {args.command}: error: {exc}", file=sys.stderr)
         return 2
     return 1

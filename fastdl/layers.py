@@ -44,6 +44,8 @@ class StepContext:
     seed: int
     step: int
     l2_over_m: float = 0.0
+    #: a fastdl.distributed.Communicator: BatchNorm synchronises its batch statistics over it (None: local)
+    comm: Any = None
 
 
 class Layer:
@@ -197,7 +199,9 @@ class BatchNorm(Layer):
         return buf
 
     def forward(self, K, x, buf, ctx):
-        if ctx.training:
+        if ctx.training and ctx.comm is not None:
+            self._sync_forward(x, buf, ctx.comm)
+        elif ctx.training:
             K.batchnorm_forward_train(x, self.gamma, self.beta, self.eps, self.momentum,
                                       self.running_mean, self.running_var, buf["mean"], buf["inv_std"],
                                       buf["out"])
@@ -209,8 +213,61 @@ class BatchNorm(Layer):
     def backward(self, K, x, out, dout, buf, ctx, need_dx):
         # dZ is needed even for a first layer: dgamma/dbeta come from the same kernel.
         dx = buf["dx"] if need_dx else dout
-        K.batchnorm_backward(x, self.gamma, buf["mean"], buf["inv_std"], dout, dx, self.dgamma, self.dbeta)
+        if ctx.comm is not None:
+            self._sync_backward(x, dout, dx, buf, ctx.comm)
+        else:
+            K.batchnorm_backward(x, self.gamma, buf["mean"], buf["inv_std"], dout, dx, self.dgamma, self.dbeta)
         return buf["dx"] if need_dx else None
+
+    # Synchronised BatchNorm (data-parallel training, fastdl.distributed): the statistics of the
+    # GLOBAL batch from one all-reduce of per-feature sums in forward and one in backward. NumPy,
+    # float64 sums; accepts 0-row shards (a rank with no rows still takes part in the collectives).
+    def _sync_forward(self, x, buf, comm) -> None:
+        n = self.n_features
+        # Shifted sums (shift = running mean, identical on every rank and close to the batch mean)
+        # avoid the cancellation of sum(x^2)/M - mean^2.
+        shift = self.running_mean.astype(np.float64)
+        d = x.astype(np.float64) - shift
+        red = np.empty(2 * n + 1, np.float64)
+        d.sum(axis=0, out=red[:n])
+        np.einsum("ij,ij->j", d, d, out=red[n:2 * n])
+        red[2 * n] = x.shape[0]
+        comm.allreduce(red)
+        count = red[2 * n]
+        dmu = red[:n] / count
+        mu = shift + dmu
+        var = np.maximum(red[n:2 * n] / count - dmu * dmu, 0.0)
+        inv_std = 1.0 / np.sqrt(var + self.eps)
+        buf["mean"][...] = mu
+        buf["inv_std"][...] = inv_std
+        buf["count"] = count
+        self.running_mean[...] = self.momentum * self.running_mean + (1 - self.momentum) * mu
+        self.running_var[...] = self.momentum * self.running_var + (1 - self.momentum) * var
+        if x.shape[0]:
+            d -= dmu  # x - mu
+            d *= self.gamma * inv_std
+            d += self.beta
+            buf["out"][...] = d
+
+    def _sync_backward(self, x, dout, dx, buf, comm) -> None:
+        n = self.n_features
+        x_hat = (x.astype(np.float64) - buf["mean"]) * buf["inv_std"]
+        dy = dout.astype(np.float64)
+        red = np.empty(2 * n, np.float64)
+        dy.sum(axis=0, out=red[:n])
+        np.einsum("ij,ij->j", dy, x_hat, out=red[n:])
+        # this rank's share of dbeta/dgamma: the all-reduce of model.grads adds the others'
+        self.dbeta[...] = red[:n]
+        self.dgamma[...] = red[n:]
+        comm.allreduce(red)
+        if x.shape[0]:
+            count = buf["count"]
+            x_hat *= red[n:]
+            x_hat += red[:n]
+            dy *= count
+            dy -= x_hat
+            dy *= self.gamma.astype(np.float64) * buf["inv_std"] / count
+            dx[...] = dy
 
 
 class Activation(Layer):

@@ -180,18 +180,27 @@ class Sequential:
         return self.l2 / (2.0 * m) * ss
 
     def _loss_and_grads(self, X: np.ndarray, y: np.ndarray, *, dropout: bool, n_total: int | None,
-                        step: int) -> tuple[float, float, np.ndarray]:
+                        step: int, m_l2: int | None = None, grad_scale: float = 1.0, seed: int | None = None,
+                        comm=None) -> tuple[float, float, np.ndarray]:
         """Training-mode forward + backward on validated arrays.
 
         Returns (mean data loss, L2 term, logits); ``J`` is the sum of the first two.
+        Data-parallel shards (:mod:`fastdl.distributed`) also pass ``m_l2`` (the
+        global batch size as the L2 ``m``), ``grad_scale`` (rows of this shard over
+        the global batch: multiplies the whole gradient, L2 part included; the
+        returned losses are unscaled), ``seed`` (this rank's dropout seed) and
+        ``comm`` (synchronised BatchNorm statistics).
         """
         m = X.shape[0]
-        m_l2 = n_total if (self.l2_scale == "dataset" and n_total) else m
-        ctx = StepContext(training=True, dropout=dropout, seed=self.seed, step=step,
-                          l2_over_m=self.l2 / m_l2)
+        if m_l2 is None:
+            m_l2 = n_total if (self.l2_scale == "dataset" and n_total) else m
+        ctx = StepContext(training=True, dropout=dropout, seed=self.seed if seed is None else seed, step=step,
+                          l2_over_m=self.l2 / m_l2 * grad_scale, comm=comm)
         logits = self._forward(X, ctx)
         dlogits = self._workspace(m)[-1]["dlogits"]
         data_loss = self.loss(self.kernels, logits, y, dlogits)
+        if grad_scale != 1.0:
+            dlogits *= grad_scale
         self._backward(ctx, m)
         return data_loss, self.l2_cost(m_l2), logits
 
@@ -284,7 +293,7 @@ class Sequential:
     def copy(self, *, dtype: str | None = None, backend: "str | Backend | None" = None) -> "Sequential":
         """An independent copy (optionally in another dtype or backend) with the same values."""
         new = Sequential.from_config(copy.deepcopy(self.get_config()),
-                                     backend=backend if backend is not None else self.backend_name,
+                                     backend=backend if backend is not None else self.kernels,
                                      **({"dtype": dtype} if dtype else {}))
         new.params[...] = self.params
         new.state[...] = self.state

@@ -17,6 +17,7 @@ import numpy as np
 from ._validation import check_positive
 from .callbacks import Callback
 from .data import epoch_permutation
+from .distributed import get_communicator
 from .optim import Adam, Optimizer
 from .schedules import Schedule, get_schedule
 
@@ -69,7 +70,7 @@ def fit(model: "Sequential", X, y, *, optimizer: Optimizer | None = None, epochs
         verbose: int = 0, shuffle: bool = True,
         augment: "Callable[[np.ndarray, np.random.Generator], np.ndarray] | None" = None,
         initial_epoch: int = 0, checkpoint: "str | os.PathLike | None" = None, checkpoint_every: int = 1,
-        resume: bool = False) -> History:
+        resume: bool = False, distributed: "bool | Any" = False, sync_batchnorm: bool = False) -> History:
     """Train ``model`` with mini-batch gradient descent.
 
     Parameters
@@ -104,6 +105,18 @@ def fit(model: "Sequential", X, y, *, optimizer: Optimizer | None = None, epochs
         If ``checkpoint`` exists, load it and continue from the epoch after
         the one it saved; the result is bit-identical to an uninterrupted run
         (same seed, backend and thread count).
+    distributed : bool or fastdl.distributed.Communicator
+        Data-parallel training over MPI (run under ``mpiexec -n N``; see
+        :mod:`fastdl.distributed`). ``True`` uses all ranks of the job. Rank
+        0's parameters are broadcast; ``batch_size`` is per rank (global batch
+        ``batch_size * N``); each step all-reduces the gradients once, so the
+        result equals one process with the global batch (up to rounding; not
+        with dropout or per-rank BatchNorm). Only rank 0 prints and
+        checkpoints; callbacks run on every rank with identical logs.
+    sync_batchnorm : bool
+        With ``distributed``: BatchNorm uses the statistics of the global
+        batch (two small all-reduces per BatchNorm layer and step) instead of
+        each rank's own.
 
     Returns
     -------
@@ -114,9 +127,12 @@ def fit(model: "Sequential", X, y, *, optimizer: Optimizer | None = None, epochs
     y = model.check_y(y, m)
     epochs = check_positive("epochs", epochs, integer=True, allow_zero=True)
     batch_size = check_positive("batch_size", batch_size, integer=True)
-    if batch_size > m:
-        warnings.warn(f"batch_size={batch_size} is larger than the {m} examples; using {m}", stacklevel=3)
-        batch_size = m
+    comm = get_communicator(distributed)
+    world = comm.size if comm is not None else 1
+    if batch_size * world > m:
+        warnings.warn(f"batch_size={batch_size} (x {world} ranks) is larger than the {m} examples; using "
+                      f"{-(-m // world)}", stacklevel=3)
+        batch_size = -(-m // world)
     val = None
     if validation_data is not None:
         if not isinstance(validation_data, (tuple, list)) or len(validation_data) != 2:
@@ -135,11 +151,30 @@ def fit(model: "Sequential", X, y, *, optimizer: Optimizer | None = None, epochs
     initial_epoch = check_positive("initial_epoch", initial_epoch, integer=True, allow_zero=True)
     checkpoint_every = check_positive("checkpoint_every", checkpoint_every, integer=True)
     run_info = {"n_examples": m, "batch_size": batch_size, "shuffle": bool(shuffle)}
+    if world > 1:
+        run_info["world_size"] = world
     history = History()
-    if checkpoint is not None and resume and os.path.exists(checkpoint):
-        from .checkpoint import load_checkpoint
 
-        initial_epoch = load_checkpoint(checkpoint, model, optimizer, history, run_info)
+    def _resume():
+        if checkpoint is not None and resume and os.path.exists(checkpoint):
+            from .checkpoint import load_checkpoint
+
+            return load_checkpoint(checkpoint, model, optimizer, history, run_info)
+        return None
+
+    dp = None
+    if comm is None:
+        loaded = _resume()
+        initial_epoch = initial_epoch if loaded is None else loaded
+    else:  # every rank starts from rank 0's (possibly resumed) state
+        from .distributed import DataParallel
+
+        dp = DataParallel(comm, model, batch_size=batch_size, n_examples=m, sync_batchnorm=sync_batchnorm)
+        dp.check_same_run(X, y, batch_size=batch_size, epochs=epochs, initial_epoch=initial_epoch,
+                          shuffle=shuffle, sync_batchnorm=sync_batchnorm, validation=val is not None)
+        initial_epoch = dp.broadcast_start(model, optimizer, history, initial_epoch, _resume)
+        if comm.rank != 0:
+            verbose, checkpoint = 0, None
     model.history = history
     model.stop_training = False
     logs0 = {"has_validation": val is not None}
@@ -147,11 +182,15 @@ def fit(model: "Sequential", X, y, *, optimizer: Optimizer | None = None, epochs
         cb.on_train_begin(model, logs0)
 
     # Mini-batch buffers, allocated once: a full batch and the smaller last one.
-    spans = _batches(m, batch_size)
+    # (distributed: this rank's shard of every global batch; a short last batch may leave it empty)
+    spans = _batches(m, batch_size) if dp is None else dp.local_spans()
     xbuf = {e - s: np.empty((e - s, X.shape[1]), model.dtype) for s, e in spans[-1:] + spans[:1]}
     ybuf = {e - s: np.empty((e - s,) + y.shape[1:], y.dtype) for s, e in spans[-1:] + spans[:1]}
+    aug_seed = model.seed if dp is None else dp.seed
     bar = _progress(verbose, len(spans) * max(epochs - initial_epoch, 0))
     ewa, ewa_beta, n_cost = 0.0, 0.98, 0
+    if dp is not None:
+        dp.limit_threads()  # several ranks on a node: each gets its share of the cores (restored below)
     t0 = time.perf_counter()
     try:
         for epoch in range(initial_epoch, epochs):
@@ -161,14 +200,17 @@ def fit(model: "Sequential", X, y, *, optimizer: Optimizer | None = None, epochs
             sum_loss = sum_cost = 0.0
             n_wrong = 0
             lr = optimizer.lr
-            for s, e in spans:
+            for i, (s, e) in enumerate(spans):
                 xb, yb = xbuf[e - s], ybuf[e - s]
                 np.take(X, perm[s:e], axis=0, out=xb)
                 np.take(y, perm[s:e], axis=0, out=yb)
-                if augment is not None:
-                    xb = _augmented(augment, xb, model.seed, model.step_count, model)
-                data_loss, l2_term, logits = model._loss_and_grads(xb, yb, dropout=True, n_total=m,
-                                                                   step=model.step_count)
+                if augment is not None and e > s:
+                    xb = _augmented(augment, xb, aug_seed, model.step_count, model)
+                if dp is None:
+                    data_loss, l2_term, logits = model._loss_and_grads(xb, yb, dropout=True, n_total=m,
+                                                                       step=model.step_count)
+                else:  # this rank's shard, then ONE all-reduce of model.grads
+                    data_loss, l2_term, logits = dp.loss_and_grads(xb, yb, step=model.step_count, batch=i)
                 J = data_loss + l2_term
                 if not (math.isfinite(J) and math.isfinite(model.kernels.sum_squares(model.grads))):
                     _diverged(model, snapshot, J, epoch, lr)
@@ -178,7 +220,7 @@ def fit(model: "Sequential", X, y, *, optimizer: Optimizer | None = None, epochs
                 history.batch_cost.append(J)
                 sum_loss += data_loss * (e - s)
                 sum_cost += J * (e - s)
-                if model.loss.classifier:
+                if model.loss.classifier and e > s:
                     n_wrong += int(np.count_nonzero(model.loss.predict_from_outputs(logits) != yb))
                 if bar is not None:
                     n_cost += 1
@@ -186,16 +228,21 @@ def fit(model: "Sequential", X, y, *, optimizer: Optimizer | None = None, epochs
                     bar.set_postfix_str(f"epoch {epoch + 1}/{epochs} cost {ewa / (1 - ewa_beta ** n_cost):.4f}",
                                         refresh=False)
                     bar.update(1)
+            if dp is not None:  # global sums and batch costs on every rank (identical logs)
+                sum_loss, sum_cost, n_wrong = dp.reduce_epoch(sum_loss, sum_cost, n_wrong, history)
             logs: dict[str, float] = {"loss": sum_loss / m, "cost": sum_cost / m, "lr": lr}
             if model.loss.classifier:
                 logs["error"] = n_wrong / m
             if val is not None:
-                ev = model.evaluate(*val)
+                ev = model.evaluate(*val) if dp is None else dp.evaluate(*val)
                 logs["val_loss"] = ev["loss"]
                 if "error" in ev:
                     logs["val_error"] = ev["error"]
             history.record(epoch, logs)
-            _record_norms(model, history, epoch)
+            with warnings.catch_warnings():
+                if dp is not None and comm.rank != 0:  # the same arrays on every rank: warn once
+                    warnings.simplefilter("ignore")
+                _record_norms(model, history, epoch)
             if verbose >= 2:
                 print(f"epoch {epoch + 1}/{epochs} " + " ".join(f"{k}={v:.4g}" for k, v in logs.items()),
                       flush=True)
@@ -208,9 +255,17 @@ def fit(model: "Sequential", X, y, *, optimizer: Optimizer | None = None, epochs
                 save_checkpoint(checkpoint, model, optimizer, history, next_epoch=epoch + 1, run_info=run_info)
             if model.stop_training:
                 break
+    except BaseException as exc:
+        if dp is not None and not isinstance(exc, TrainingDiverged):  # TrainingDiverged is raised on every rank
+            from .distributed import abort_job
+
+            abort_job(comm, exc)  # one failing rank must not leave the others blocked in a collective
+        raise
     finally:
         if bar is not None:
             bar.close()
+        if dp is not None:
+            dp.close()
         history.time = time.perf_counter() - t0
     for cb in callbacks:
         cb.on_train_end(model, {})
