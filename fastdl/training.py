@@ -70,7 +70,8 @@ def fit(model: "Sequential", X, y, *, optimizer: Optimizer | None = None, epochs
         verbose: int = 0, shuffle: bool = True,
         augment: "Callable[[np.ndarray, np.random.Generator], np.ndarray] | None" = None,
         initial_epoch: int = 0, checkpoint: "str | os.PathLike | None" = None, checkpoint_every: int = 1,
-        resume: bool = False, distributed: "bool | Any" = False, sync_batchnorm: bool = False) -> History:
+        resume: bool = False, distributed: "bool | Any" = False, sync_batchnorm: bool = False,
+        fused: "bool | str" = "auto") -> History:
     """Train ``model`` with mini-batch gradient descent.
 
     Parameters
@@ -117,6 +118,12 @@ def fit(model: "Sequential", X, y, *, optimizer: Optimizer | None = None, epochs
         With ``distributed``: BatchNorm uses the statistics of the global
         batch (two small all-reduces per BatchNorm layer and step) instead of
         each rank's own.
+    fused : {'auto', True, False}
+        Run each epoch as ONE compiled call (:mod:`fastdl.backends.numba_fused`)
+        instead of ~15 kernel calls per step. ``'auto'`` uses it whenever the
+        model, optimiser and options allow it (numba kernels, softmax
+        cross-entropy, no ``augment``, not distributed); the result is the same
+        as the per-layer path. ``True`` raises if it cannot be used.
 
     Returns
     -------
@@ -187,6 +194,7 @@ def fit(model: "Sequential", X, y, *, optimizer: Optimizer | None = None, epochs
     xbuf = {e - s: np.empty((e - s, X.shape[1]), model.dtype) for s, e in spans[-1:] + spans[:1]}
     ybuf = {e - s: np.empty((e - s,) + y.shape[1:], y.dtype) for s, e in spans[-1:] + spans[:1]}
     aug_seed = model.seed if dp is None else dp.seed
+    fused_epoch = _fused_epoch(fused, model, optimizer, augment, dp, batch_size, X.shape[1])
     bar = _progress(verbose, len(spans) * max(epochs - initial_epoch, 0))
     ewa, ewa_beta, n_cost = 0.0, 0.98, 0
     if dp is not None:
@@ -200,7 +208,22 @@ def fit(model: "Sequential", X, y, *, optimizer: Optimizer | None = None, epochs
             sum_loss = sum_cost = 0.0
             n_wrong = 0
             lr = optimizer.lr
-            for i, (s, e) in enumerate(spans):
+            if fused_epoch is not None:
+                lrs = np.array([schedule(optimizer.lr, epoch, optimizer.t + 1 + i) for i in range(len(spans))])
+                costs, losses, n_wrong, diverged = fused_epoch.run(X, y, perm, lrs)
+                n_ok = len(costs) - diverged
+                if diverged:
+                    history.batch_cost.extend(costs[:n_ok].tolist())
+                    _diverged(model, snapshot, float(costs[-1]), epoch, float(lrs[n_ok]))
+                for (s, e), J, data_loss in zip(spans, costs.tolist(), losses.tolist()):
+                    history.batch_cost.append(J)
+                    sum_loss += data_loss * (e - s)  # same order of float additions as the loop below
+                    sum_cost += J * (e - s)
+                lr = float(lrs[-1])
+                if bar is not None:
+                    bar.set_postfix_str(f"epoch {epoch + 1}/{epochs} cost {costs[-1]:.4f}", refresh=False)
+                    bar.update(len(spans))
+            for i, (s, e) in enumerate(spans if fused_epoch is None else ()):
                 xb, yb = xbuf[e - s], ybuf[e - s]
                 np.take(X, perm[s:e], axis=0, out=xb)
                 np.take(y, perm[s:e], axis=0, out=yb)
@@ -270,6 +293,31 @@ def fit(model: "Sequential", X, y, *, optimizer: Optimizer | None = None, epochs
     for cb in callbacks:
         cb.on_train_end(model, {})
     return history
+
+
+def _fused_epoch(fused, model, optimizer, augment, dp, batch_size: int, n_features: int):
+    """The compiled whole-epoch trainer when it applies (see ``fit(fused=...)``), else None."""
+    if fused not in ("auto", True, False):
+        raise ValueError(f"fused must be 'auto', True or False, got {fused!r}")
+    if fused is False:
+        return None
+    reason = None
+    if augment is not None:
+        reason = "augment= needs a Python call per mini-batch"
+    elif dp is not None:
+        reason = "distributed training all-reduces between backward and update"
+    else:
+        try:
+            from .backends import numba_fused
+        except ImportError as exc:
+            reason = f"numba is not available ({exc})"
+        else:
+            reason = numba_fused.supports(model, optimizer)
+    if reason is None:
+        return numba_fused.FusedEpoch(model, optimizer, batch_size, n_features)
+    if fused is True:
+        raise ValueError(f"fused=True but the fused epoch cannot train this model: {reason}")
+    return None
 
 
 def _diverged(model, snapshot: tuple[np.ndarray, np.ndarray], J: float, epoch: int, lr: float) -> None:
