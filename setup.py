@@ -17,6 +17,12 @@ HERE = Path(__file__).parent
 EXTENSIONS = {
     # module name -> source file under kernels/
     "fastdl._build_info": "kernels/_build_info.pyx",
+    # the Cython backend (fastdl/backends/cython_backend.py imports these)
+    "fastdl._kernels._dense": "kernels/_dense.pyx",
+    "fastdl._kernels._batchnorm": "kernels/_batchnorm.pyx",
+    "fastdl._kernels._losses": "kernels/_losses.pyx",
+    "fastdl._kernels._dropout": "kernels/_dropout.pyx",
+    "fastdl._kernels._optim": "kernels/_optim.pyx",
 }
 
 

@@ -1,0 +1,61 @@
+"""The Cython backend: every kernel of :mod:`fastdl.backends.contract`.
+
+The kernels are compiled from ``kernels/*.pyx`` into ``fastdl._kernels``
+(see ``setup.py``). Importing this module raises ``ImportError`` when the
+extensions are not built, and :func:`fastdl.backends.get_backend` then falls
+back to the other backends.
+
+The names below are the compiled functions themselves (no Python wrapper),
+with the reference signatures. Each validates its arguments on the NumPy C
+API (dtype float32/float64 shared by all float arrays, C-contiguous, aligned,
+native byte order, writeable outputs, matching shapes) and hands anything
+else to the reference kernel, which handles or rejects it. BLAS (GEMM) comes
+from ``scipy.linalg.cython_blas``; elementwise passes use OpenMP threads
+above per-kernel size thresholds when the build has OpenMP
+(:func:`fastdl._build_info.openmp_enabled`), and respect
+``OMP_NUM_THREADS`` / ``threadpoolctl``. ``build_info()`` reports how the extensions were built.
+"""
+from __future__ import annotations
+
+import os
+
+# The kernels use libgomp (one runtime per process, shared with Numba's "omp"
+# threading layer). Unless told otherwise, its idle workers spin for
+# milliseconds after every parallel region, on the cores OpenBLAS's threads
+# need for the next GEMM and that other processes need on a shared machine
+# (measured: a 2-thread region then waits a whole scheduler timeslice, ~10 ms,
+# for its worker). A passive policy costs a futex wake-up per region instead,
+# which the kernels' size thresholds absorb. Same setting as the Numba
+# backend; it only takes effect if libgomp is not loaded yet, and an explicit
+# user setting always wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from fastdl._kernels._batchnorm import (  # noqa: E402
+    batchnorm_backward, batchnorm_forward_infer, batchnorm_forward_train)
+from fastdl._kernels._dense import (  # noqa: E402
+    activation_backward, activation_forward, build_info, dense_backward, dense_forward)
+from fastdl._kernels._dropout import dropout_backward, dropout_forward  # noqa: E402
+from fastdl._kernels._losses import mse, sigmoid_bce, softmax, softmax_cross_entropy  # noqa: E402
+from fastdl._kernels._optim import adam_step, momentum_step, rmsprop_step, sgd_step, sum_squares  # noqa: E402
+
+__all__ = [
+    "dense_forward",
+    "dense_backward",
+    "activation_forward",
+    "activation_backward",
+    "batchnorm_forward_train",
+    "batchnorm_forward_infer",
+    "batchnorm_backward",
+    "softmax_cross_entropy",
+    "softmax",
+    "sigmoid_bce",
+    "mse",
+    "dropout_forward",
+    "dropout_backward",
+    "sgd_step",
+    "momentum_step",
+    "rmsprop_step",
+    "adam_step",
+    "sum_squares",
+    "build_info",
+]

@@ -1,0 +1,308 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
+"""Dense layers and standalone activations.
+
+GEMMs go through ``scipy.linalg.cython_blas`` (column-major BLAS: a row-major
+product ``C = A @ B`` is computed as the column-major ``C^T = B^T A^T`` by
+swapping the operands), always called outside any OpenMP region. The
+elementwise work around them is fused into one pass:
+
+* forward: ``out`` is pre-filled with the bias rows and the GEMM accumulates
+  onto it (``beta = 1``; with ``beta = 0`` BLAS would spend a pass zeroing
+  ``out``), then one activation pass;
+* backward: one pass writes ``dZ = dout * g'(out)`` and the column sums
+  ``db`` (float64 accumulators); ``dW`` is pre-filled with ``l2_over_m * W``
+  and the GEMM accumulates onto it.
+
+The passes of the Dense kernels are serial: they cost a few percent of the
+GEMMs (whose BLAS threads do the parallel work), and an OpenMP region next
+to a BLAS call is harmful: with libgomp's default active wait its idle
+workers spin for milliseconds on the cores OpenBLAS's threads need for the
+next GEMM (measured on 2 cores: 128x784->512 forward+backward 2.4 ms with
+serial passes, tens of ms with parallel ones), and with a passive wait each
+region costs a wake-up. The standalone activation kernels run in parallel
+above a size threshold.
+
+Signatures and semantics: :mod:`fastdl.backends.contract`. Arguments outside
+the fast path (other dtypes, non-contiguous arrays, mismatched shapes) are
+handed to the reference kernel, which handles or rejects them.
+"""
+cimport numpy as cnp
+from cython.parallel cimport prange
+from libc.string cimport memcpy, memset
+from scipy.linalg.cython_blas cimport dgemm, sgemm
+
+from _kernel_common cimport (FASTDL_CLONES, FASTDL_HAVE_OPENMP, IDENTITY, RELU, SIGMOID, TANH, chunk_size, data, dim,
+                             fastdl_max_threads, is_empty, is_float,
+                             nthreads, r_relu, r_sigmoid, r_step, r_tanh, real, rtype, tc_void, wtype)
+
+from fastdl.backends import reference as _ref
+
+cnp.import_array()
+
+
+def build_info():
+    """How the Cython kernels were compiled: OpenMP, threads they may use, SIMD dispatch."""
+    return {
+        "openmp": bool(FASTDL_HAVE_OPENMP),
+        "max_threads": fastdl_max_threads(),
+        "simd_dispatch": bool(FASTDL_CLONES),   # AVX2 / AVX-512 clones chosen at load time
+    }
+
+
+cdef enum:
+    CB = 2048           # column block of the dZ/db pass (float64 accumulators on the stack, 16 KB)
+    # Elements per thread below which a standalone activation runs serially
+    # (see _kernel_common.pxd, "Parallel thresholds").
+    GRAIN_CHEAP = 524288  # memory-bound passes (ReLU, identity, every derivative)
+    GRAIN_EXP = 262144    # tanh / sigmoid forward (vectorised exp)
+    INT_MAX = 2147483647  # BLAS dimensions are C ints
+
+
+cdef inline Py_ssize_t grain(int act) noexcept nogil:
+    return GRAIN_EXP if (act == TANH or act == SIGMOID) else GRAIN_CHEAP
+
+
+# ------------------------------------------------------------------ BLAS
+
+cdef void gemm(bint trans_a, bint trans_b, int M, int N, int K, real alpha, const real* A, int lda,
+               const real* B, int ldb, real beta, real* C, int ldc) noexcept nogil:
+    """Row-major ``C (M,N) = alpha * op(A) @ op(B) + beta * C``; ``ld*`` are row strides."""
+    cdef char ta = b'T' if trans_a else b'N'
+    cdef char tb = b'T' if trans_b else b'N'
+    cdef Py_ssize_t i
+    if M == 0 or N == 0:
+        return
+    if K == 0:
+        if beta == 0:
+            for i in range(M):
+                memset(C + i * ldc, 0, N * sizeof(real))
+        return
+    if real is float:
+        sgemm(&tb, &ta, &N, &M, &K, &alpha, <float*>B, &ldb, <float*>A, &lda, &beta, C, &ldc)
+    else:
+        dgemm(&tb, &ta, &N, &M, &K, &alpha, <double*>B, &ldb, <double*>A, &lda, &beta, C, &ldc)
+
+
+# ------------------------------------------------------------------ elementwise chunks
+
+cdef inline void act_span(const real* z, real* out, Py_ssize_t n, int act) noexcept nogil:
+    cdef Py_ssize_t i
+    if act == RELU:
+        for i in range(n):
+            out[i] = r_relu(z[i])
+    elif act == TANH:
+        for i in range(n):
+            out[i] = r_tanh(z[i])
+    elif act == SIGMOID:
+        for i in range(n):
+            out[i] = r_sigmoid(z[i])
+    elif out != z:
+        memcpy(out, z, n * sizeof(real))
+
+
+cdef inline void grad_span(const real* a, const real* d, real* o, Py_ssize_t n, int act) noexcept nogil:
+    """``o = d * g'(a)``, the derivative taken from the activation output ``a``."""
+    cdef Py_ssize_t i
+    cdef real zero = 0, one = 1
+    if act == RELU:
+        for i in range(n):
+            o[i] = d[i] * r_step(a[i])
+    elif act == TANH:
+        for i in range(n):
+            o[i] = d[i] * (one - a[i] * a[i])
+    elif act == SIGMOID:
+        for i in range(n):
+            o[i] = d[i] * (a[i] * (one - a[i]))
+    elif o != d:
+        memcpy(o, d, n * sizeof(real))
+
+
+cdef tc_void act_chunk(const real* z, real* out, Py_ssize_t n, int act) noexcept nogil:
+    act_span(z, out, n, act)
+
+
+cdef tc_void grad_chunk(const real* a, const real* d, real* o, Py_ssize_t n, int act) noexcept nogil:
+    grad_span(a, d, o, n, act)
+
+
+cdef tc_void scale_chunk(const real* x, real* out, Py_ssize_t n, real s) noexcept nogil:
+    cdef Py_ssize_t i
+    for i in range(n):
+        out[i] = s * x[i]
+
+
+cdef tc_void fill_rows_chunk(real* out, const real* b, Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t i
+    for i in range(r0, r1):
+        memcpy(out + i * n, b, n * sizeof(real))
+
+
+cdef tc_void grad_colsum_chunk(const real* A, const real* dA, real* dZ, real* db, Py_ssize_t m,
+                               Py_ssize_t n, Py_ssize_t c0, Py_ssize_t c1, int act) noexcept nogil:
+    """Columns [c0, c1) of ``dZ = dA * g'(A)`` and ``db = dZ.sum(0)`` (float64 sums)."""
+    cdef double acc[CB]
+    cdef Py_ssize_t i, j, b0, w, off
+    cdef const real* z
+    b0 = c0
+    while b0 < c1:
+        w = c1 - b0 if c1 - b0 < CB else CB
+        for j in range(w):
+            acc[j] = 0.0
+        for i in range(m):
+            off = i * n + b0
+            grad_span(A + off, dA + off, dZ + off, w, act)
+            z = dZ + off
+            for j in range(w):
+                acc[j] += z[j]
+        for j in range(w):
+            db[b0 + j] = <real>acc[j]
+        b0 += w
+
+
+# ------------------------------------------------------------------ parallel drivers
+
+cdef void act_par(const real* z, real* out, Py_ssize_t n, int act) noexcept nogil:
+    cdef int nt = nthreads(n, grain(act))
+    cdef Py_ssize_t per, lo, c
+    if nt == 1:
+        act_chunk(z, out, n, act)
+        return
+    per = chunk_size(n, nt)
+    for c in prange(nt, num_threads=nt, schedule='static'):
+        lo = c * per
+        if lo < n:
+            act_chunk(z + lo, out + lo, min(per, n - lo), act)
+
+
+cdef void grad_par(const real* a, const real* d, real* o, Py_ssize_t n, int act) noexcept nogil:
+    cdef int nt = nthreads(n, grain(act))
+    cdef Py_ssize_t per, lo, c
+    if nt == 1:
+        grad_chunk(a, d, o, n, act)
+        return
+    per = chunk_size(n, nt)
+    for c in prange(nt, num_threads=nt, schedule='static'):
+        lo = c * per
+        if lo < n:
+            grad_chunk(a + lo, d + lo, o + lo, min(per, n - lo), act)
+
+
+# ------------------------------------------------------------------ fused-type bodies
+
+cdef void _dense_forward(const real* A, const real* W, const real* b, bint has_b, int act, real* out,
+                         int m, int n_in, int n_out) noexcept nogil:
+    cdef real one = 1, zero = 0
+    if has_b:
+        fill_rows_chunk(out, b, 0, m, n_out)
+        gemm(False, False, m, n_out, n_in, one, A, n_in, W, n_out, one, out, n_out)
+    else:
+        gemm(False, False, m, n_out, n_in, one, A, n_in, W, n_out, zero, out, n_out)
+    if act != IDENTITY:
+        act_chunk(out, out, <Py_ssize_t>m * n_out, act)
+
+
+cdef void _dense_backward(const real* A, const real* W, const real* out, const real* dout, int act,
+                          double l2, real* dZ, real* dW, real* db, bint has_db, real* dA, bint has_dA,
+                          int m, int n_in, int n_out) noexcept nogil:
+    cdef real one = 1, zero = 0
+    if has_db:
+        grad_colsum_chunk(out, dout, dZ, db, m, n_out, 0, n_out, act)
+    elif act != IDENTITY or dZ != dout:
+        grad_chunk(out, dout, dZ, <Py_ssize_t>m * n_out, act)
+    if l2 != 0.0:
+        scale_chunk(W, dW, <Py_ssize_t>n_in * n_out, <real>l2)
+        gemm(True, False, n_in, n_out, m, one, A, n_in, dZ, n_out, one, dW, n_out)
+    else:
+        gemm(True, False, n_in, n_out, m, one, A, n_in, dZ, n_out, zero, dW, n_out)
+    if has_dA:
+        gemm(False, True, m, n_in, n_out, one, dZ, n_out, W, n_out, zero, dA, n_in)
+
+
+# ------------------------------------------------------------------ Python entry points
+
+def dense_forward(A_prev, W, b, int act, out):
+    """``out = g(A_prev @ W + b)`` (see fastdl.backends.contract)."""
+    cdef int t = rtype(A_prev, 2)
+    cdef Py_ssize_t m, n_in, n_out
+    cdef bint has_b
+    if not (is_float(t) and rtype(W, 2) == t and wtype(out, 2) == t and 0 <= act <= 3):
+        return _ref.dense_forward(A_prev, W, b, act, out)
+    m = dim(A_prev, 0)
+    n_in = dim(A_prev, 1)
+    n_out = dim(W, 1)
+    has_b = not is_empty(b)
+    if (dim(W, 0) != n_in or dim(out, 0) != m or dim(out, 1) != n_out
+            or (has_b and not (rtype(b, 1) == t and dim(b, 0) == n_out))
+            or m > INT_MAX or n_in > INT_MAX or n_out > INT_MAX):
+        return _ref.dense_forward(A_prev, W, b, act, out)
+    with nogil:
+        if t == cnp.NPY_FLOAT:
+            _dense_forward(<float*>data(A_prev), <float*>data(W), <float*>data(b) if has_b else NULL, has_b,
+                           act, <float*>data(out), <int>m, <int>n_in, <int>n_out)
+        else:
+            _dense_forward(<double*>data(A_prev), <double*>data(W), <double*>data(b) if has_b else NULL, has_b,
+                           act, <double*>data(out), <int>m, <int>n_in, <int>n_out)
+
+
+def dense_backward(A_prev, W, out, dout, int act, double l2_over_m, dZ, dW, db, dA_prev):
+    """``dZ = dout*g'(out)``, ``dW = A_prev.T@dZ + l2_over_m*W``, ``db``, ``dA_prev = dZ@W.T``."""
+    cdef int t = rtype(A_prev, 2)
+    cdef Py_ssize_t m, n_in, n_out
+    cdef bint has_db, has_dA
+    if not (is_float(t) and rtype(W, 2) == t and rtype(out, 2) == t and rtype(dout, 2) == t
+            and wtype(dZ, 2) == t and wtype(dW, 2) == t and 0 <= act <= 3):
+        return _ref.dense_backward(A_prev, W, out, dout, act, l2_over_m, dZ, dW, db, dA_prev)
+    m = dim(A_prev, 0)
+    n_in = dim(A_prev, 1)
+    n_out = dim(W, 1)
+    has_db = not is_empty(db)
+    has_dA = not is_empty(dA_prev)
+    if (dim(W, 0) != n_in or dim(out, 0) != m or dim(out, 1) != n_out or dim(dout, 0) != m
+            or dim(dout, 1) != n_out or dim(dZ, 0) != m or dim(dZ, 1) != n_out
+            or dim(dW, 0) != n_in or dim(dW, 1) != n_out
+            or (has_db and not (wtype(db, 1) == t and dim(db, 0) == n_out))
+            or (has_dA and not (wtype(dA_prev, 2) == t and dim(dA_prev, 0) == m and dim(dA_prev, 1) == n_in))
+            or m > INT_MAX or n_in > INT_MAX or n_out > INT_MAX):
+        return _ref.dense_backward(A_prev, W, out, dout, act, l2_over_m, dZ, dW, db, dA_prev)
+    with nogil:
+        if t == cnp.NPY_FLOAT:
+            _dense_backward(<float*>data(A_prev), <float*>data(W), <float*>data(out), <float*>data(dout), act,
+                            l2_over_m, <float*>data(dZ), <float*>data(dW),
+                            <float*>data(db) if has_db else NULL, has_db,
+                            <float*>data(dA_prev) if has_dA else NULL, has_dA, <int>m, <int>n_in, <int>n_out)
+        else:
+            _dense_backward(<double*>data(A_prev), <double*>data(W), <double*>data(out), <double*>data(dout), act,
+                            l2_over_m, <double*>data(dZ), <double*>data(dW),
+                            <double*>data(db) if has_db else NULL, has_db,
+                            <double*>data(dA_prev) if has_dA else NULL, has_dA, <int>m, <int>n_in, <int>n_out)
+
+
+def activation_forward(Z, int act, out):
+    """``out = g(Z)`` elementwise; ``out`` may alias ``Z``."""
+    cdef int t = rtype(Z, 2)
+    cdef Py_ssize_t n
+    if not (is_float(t) and wtype(out, 2) == t and 0 <= act <= 3
+            and cnp.PyArray_SAMESHAPE(<cnp.ndarray>Z, <cnp.ndarray>out)):
+        return _ref.activation_forward(Z, act, out)
+    n = cnp.PyArray_SIZE(<cnp.ndarray>Z)
+    with nogil:
+        if t == cnp.NPY_FLOAT:
+            act_par(<float*>data(Z), <float*>data(out), n, act)
+        else:
+            act_par(<double*>data(Z), <double*>data(out), n, act)
+
+
+def activation_backward(out, dout, int act, dZ):
+    """``dZ = dout * g'(out)``; ``dZ`` may alias ``dout``."""
+    cdef int t = rtype(out, 2)
+    cdef Py_ssize_t n
+    if not (is_float(t) and rtype(dout, 2) == t and wtype(dZ, 2) == t and 0 <= act <= 3
+            and cnp.PyArray_SAMESHAPE(<cnp.ndarray>out, <cnp.ndarray>dout)
+            and cnp.PyArray_SAMESHAPE(<cnp.ndarray>out, <cnp.ndarray>dZ)):
+        return _ref.activation_backward(out, dout, act, dZ)
+    n = cnp.PyArray_SIZE(<cnp.ndarray>out)
+    with nogil:
+        if t == cnp.NPY_FLOAT:
+            grad_par(<float*>data(out), <float*>data(dout), <float*>data(dZ), n, act)
+        else:
+            grad_par(<double*>data(out), <double*>data(dout), <double*>data(dZ), n, act)
