@@ -300,14 +300,19 @@ class FastdlVariant:
 #   FastdlVariant("fastdl-fused", "numba", fit_kwargs={"fused": True}),
 # and it then appears in every training group (and summarize.py treats every
 # impl starting with "fastdl" as fastdl).
-EXTRA_FASTDL_VARIANTS: list[FastdlVariant] = []
+EXTRA_FASTDL_VARIANTS: list[FastdlVariant] = [
+    # fit's default (fused="auto") runs each epoch as one compiled call; this is the per-layer path
+    FastdlVariant("fastdl-numba-layerwise", "numba", fit_kwargs={"fused": False}),
+]
 
 
 def fastdl_variants() -> list[FastdlVariant]:
     """Every available backend (``fastdl.backends.available_backends()``) + extra modes."""
     from fastdl.backends import available_backends
 
-    return [FastdlVariant(f"fastdl-{b}", b) for b in available_backends()] + list(EXTRA_FASTDL_VARIANTS)
+    avail = available_backends()
+    return ([FastdlVariant(f"fastdl-{b}", b) for b in avail]
+            + [v for v in EXTRA_FASTDL_VARIANTS if v.backend in avail])
 
 
 class FastdlTrainer(Trainer):

@@ -66,7 +66,7 @@ def dense_backward(A_prev, W, out, dout, act: int, l2_over_m: float, dZ, dW, db,
     if l2_over_m != 0.0:
         dW += l2_over_m * W
     if db.size:
-        np.sum(dZ, axis=0, out=db)
+        db[...] = dZ.sum(axis=0, dtype=np.float64)
     if dA_prev.size:
         np.matmul(dZ, W.T, out=dA_prev)
 
@@ -111,7 +111,10 @@ def softmax(Z, out) -> None:
 
 
 def softmax_cross_entropy(Z, y, dZ) -> float:
-    m = Z.shape[0]
+    m, k = Z.shape
+    if m and (y.min() < 0 or y.max() >= k):  # a negative id would silently index from the end
+        raise ValueError(f"softmax_cross_entropy: labels must be class ids in [0, {k}); "
+                         f"got values in [{y.min()}, {y.max()}]")
     Z64 = Z.astype(np.float64)
     zmax = Z64.max(axis=1, keepdims=True)
     lse = np.log(np.exp(Z64 - zmax).sum(axis=1)) + zmax[:, 0]
