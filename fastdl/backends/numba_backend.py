@@ -1,0 +1,1588 @@
+"""The Numba backend: every kernel of :mod:`fastdl.backends.contract`, JIT-compiled.
+
+Signatures and semantics are exactly those of :mod:`fastdl.backends.reference`
+(the oracle); ``tests/test_conformance.py`` checks every kernel against it.
+
+How it is built
+---------------
+* Every compiled function is ``@njit(cache=True, error_model="numpy")``.
+  ``error_model="numpy"`` gives IEEE division (x/0 -> inf/NaN, as in NumPy,
+  instead of raising ZeroDivisionError); it is also what lets LLVM vectorise
+  loops that divide. No ``fastmath``: NaN and Inf propagate as in NumPy and
+  multiply-adds are not fused, so element-wise arithmetic written in the
+  reference's operation order (SGD, momentum, RMSprop, dropout) gives the
+  same bits.
+  Adam folds its bias corrections into two scalars (a few ulp from the
+  reference). The exceptions to "no fastmath": ``contract`` (FMA fusion
+  only) inside the private exp/tanh/log polynomials, where it only makes
+  them more accurate, and ``reassoc`` in the three float64 sum helpers, so
+  LLVM vectorises them (the order is then fixed by the compiled code, not by
+  threads).
+* Inner loops run over ``range(n)`` of 1-D views (``x[lo:hi]``, ``Z[i]``):
+  with a start of 0 Numba can drop negative-index wrap-around and LLVM
+  vectorises them.
+* ``exp`` and ``tanh`` are written out (Cody-Waite reduction + polynomial;
+  Cephes' tanh/tanhf), about 1 ulp, in the array's precision (float32 data
+  in float32 arithmetic, 8 lanes per AVX2 vector), because ``math.exp`` and
+  ``math.tanh`` are opaque libm calls that stop vectorisation (no SVML
+  here); so are float64 ``log`` and ``log1p`` (fdlibm's polynomial) for the
+  losses. Sums, logs and losses stay float64.
+* The public functions are thin Python wrappers: they pick a serial or a
+  ``prange`` variant by problem size and call one compiled function. Both
+  variants share the same chunk helper and, for reductions, the same
+  partitioning (a function of the shapes only), so results never depend on
+  the number of threads or on which variant ran.
+* GEMMs are ``np.dot`` inside njit (BLAS: SciPy's OpenBLAS through
+  ``cython_blas``), never inside a ``prange`` region. Bias and activation
+  (forward) and activation derivative and ``db`` (backward) are fused into
+  one pass over each row.
+* Reductions (losses, ``sum_squares``, BatchNorm statistics, ``db``) are
+  accumulated in float64. BatchNorm statistics: per tile of rows the tile
+  mean, then the centred sum of squares re-read from cache, on data shifted
+  by the first row; tiles and row partitions are merged with Chan's formula.
+  One read of ``Z`` from memory, as accurate as the two-pass formula.
+* Scalars (``lr``, ``eps``, ...) are cast to the array dtype inside the
+  kernels (``x.dtype.type(...)``), so float32 kernels stay in float32.
+* Dropout: the contract's counter-based splitmix64 generator in explicit
+  uint64 arithmetic; the per-call key and threshold are computed in Python
+  with :func:`contract.dropout_key` / :func:`contract.keep_threshold`.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+# Numba's default threading layer here is "omp" (libgomp). Unless told
+# otherwise, libgomp's idle threads spin for a long time (GOMP_SPINCOUNT
+# 300000 PAUSEs, milliseconds on recent Intel cores) after every parallel
+# region; on a shared or oversubscribed machine that stalls the next region,
+# and OpenBLAS's threads, by 10x or more (measured; benchmarks/README.md).
+# A passive wait policy costs a futex wake-up (~10-50 us) per region
+# instead, which the size thresholds below absorb. It only takes effect if
+# libgomp is not loaded yet, and an explicit user setting always wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np  # noqa: E402
+from llvmlite import ir  # noqa: E402
+from numba import njit, prange, types  # noqa: E402
+from numba.extending import intrinsic, overload  # noqa: E402
+
+from .contract import (  # noqa: E402
+    GOLDEN, IDENTITY, MIX_C1, MIX_C2, RELU, SIGMOID, TANH, dropout_key, keep_threshold,
+)
+
+__all__ = [
+    "dense_forward", "dense_backward", "activation_forward", "activation_backward",
+    "batchnorm_forward_train", "batchnorm_forward_infer", "batchnorm_backward",
+    "softmax_cross_entropy", "softmax", "sigmoid_bce", "mse",
+    "dropout_forward", "dropout_backward",
+    "sgd_step", "momentum_step", "rmsprop_step", "adam_step", "sum_squares",
+    "warmup", "set_parallel", "PARALLEL_THRESHOLDS",
+]
+
+_jit = njit(cache=True, error_model="numpy")
+_pjit = njit(cache=True, error_model="numpy", parallel=True)
+_mjit = njit(cache=True, error_model="numpy", fastmath={"contract"})   # math polynomials only
+_rjit = njit(cache=True, error_model="numpy", fastmath={"reassoc"})    # float64 sums: vectorised order
+
+# Work sizes (elements) from which the prange variant is used; below them the
+# serial variant avoids the fork/join cost (tens of microseconds with a
+# passive OpenMP wait policy, see below). Chosen so that the serial time at
+# the threshold is roughly 150-300 us on this class of machine (2 cores; see
+# benchmarks/README.md). A kernel's result does not depend on the choice.
+PARALLEL_THRESHOLDS = {
+    "bias_act": 1 << 18,        # dense_forward's bias + tanh/sigmoid pass (relu/identity stay serial)
+    "act_transcendental": 1 << 18,   # activation_forward tanh / sigmoid
+    "act_cheap": 1 << 20,       # activation_forward relu / identity, activation_backward
+    "batchnorm": 1 << 18,       # batchnorm_forward_train, batchnorm_backward
+    "batchnorm_infer": 1 << 19,
+    "softmax": 1 << 18,         # softmax_cross_entropy, softmax
+    "dropout": 1 << 19,         # dropout_forward, dropout_backward
+    "adam": 1 << 18,
+    "optimizer": 1 << 19,       # sgd, momentum, rmsprop
+    "sum_squares": 1 << 21,
+}
+_DEFAULT_THRESHOLDS = dict(PARALLEL_THRESHOLDS)
+_NEVER = 1 << 62
+_THR = dict(PARALLEL_THRESHOLDS)       # what the wrappers read
+
+
+def set_parallel(enabled: bool = True, **thresholds: int) -> None:
+    """Switch the multi-threaded (``prange``) kernel variants on or off, or move their thresholds.
+
+    ``set_parallel(False)`` makes every kernel run its serial variant (useful
+    on an oversubscribed machine, or when running several trainings side by
+    side); ``set_parallel(True, adam=1 << 20)`` restores the defaults and
+    overrides one threshold (in elements; keys of ``PARALLEL_THRESHOLDS``).
+    Results are identical either way.
+    """
+    unknown = set(thresholds) - set(_DEFAULT_THRESHOLDS)
+    if unknown:
+        raise ValueError(f"unknown threshold(s) {sorted(unknown)}; choose from {sorted(_DEFAULT_THRESHOLDS)}")
+    PARALLEL_THRESHOLDS.clear()
+    PARALLEL_THRESHOLDS.update(_DEFAULT_THRESHOLDS)
+    PARALLEL_THRESHOLDS.update({k: int(v) for k, v in thresholds.items()})
+    _THR.clear()
+    _THR.update(PARALLEL_THRESHOLDS if enabled else {k: _NEVER for k in PARALLEL_THRESHOLDS})
+
+
+def _serial_after_fork() -> None:
+    # GNU OpenMP is not fork-safe: a fork()ed child of a process that has run a
+    # parallel region is terminated by Numba when it starts one ("fork() called
+    # from a process already using GNU OpenMP"). Children (multiprocessing's
+    # fork start method) therefore run the serial variants; same results.
+    _THR.update({k: _NEVER for k in _THR})
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_serial_after_fork)
+
+
+# Chunking. Reductions use partitions that depend on the shapes only, never
+# on the thread count.
+_CHUNK = 1 << 15            # elements per chunk of flat element-wise kernels
+_RED_CHUNK = 1 << 16        # elements per partial sum of sum_squares
+_TILE_BYTES = 1 << 17       # BatchNorm statistics tile (fits in L2)
+_ROWS_PER_PART = 64         # BatchNorm / loss rows per partial result (>=)
+_MAX_PARTS = 16
+
+# uint64 constants of the dropout generator (explicitly typed: in Numba,
+# mixing uint64 with int64 promotes to float64).
+_U_G = np.uint64(GOLDEN)
+_U_C1 = np.uint64(MIX_C1)
+_U_C2 = np.uint64(MIX_C2)
+_U_S27 = np.uint64(27)
+_U_S30 = np.uint64(30)
+_U_S31 = np.uint64(31)
+_U_S32 = np.uint64(32)
+
+
+# =========================================================================== vectorisable math
+
+
+@intrinsic
+def _bits_as_f64(typingctx, x):
+    """Reinterpret the bits of an int64 as a float64 (no conversion)."""
+    if not isinstance(x, types.Integer):
+        return None
+    sig = types.float64(types.int64)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.DoubleType())
+
+    return sig, codegen
+
+
+_LOG2E = 1.4426950408889634
+_LN2_HI = 6.93147180369123816490e-01     # low bits zero: k * _LN2_HI is exact for |k| < 2**11
+_LN2_LO = 1.90821492927058770002e-10
+_E2, _E3, _E4, _E5, _E6, _E7, _E8, _E9, _E10, _E11, _E12, _E13 = (1.0 / math.factorial(i) for i in range(2, 14))
+
+
+@_mjit
+def _exp64(x):
+    """exp(x) in float64, about 1 ulp; NaN -> NaN, +inf -> inf, -inf -> 0, subnormal results kept."""
+    xc = x
+    if xc > 710.0:
+        xc = 710.0
+    if xc < -746.0:
+        xc = -746.0
+    if xc != xc:
+        xc = 0.0
+    kf = np.rint(xc * _LOG2E)
+    r = (xc - kf * _LN2_HI) - kf * _LN2_LO       # |r| <= ln2/2
+    p = _E13
+    p = p * r + _E12
+    p = p * r + _E11
+    p = p * r + _E10
+    p = p * r + _E9
+    p = p * r + _E8
+    p = p * r + _E7
+    p = p * r + _E6
+    p = p * r + _E5
+    p = p * r + _E4
+    p = p * r + _E3
+    p = p * r + _E2
+    p = p * r + 1.0
+    p = p * r + 1.0
+    k = np.int64(kf)
+    k1 = k >> 1                                   # 2**k = 2**k1 * 2**k2, both normal
+    k2 = k - k1
+    res = (p * _bits_as_f64((k1 + 1023) << 52)) * _bits_as_f64((k2 + 1023) << 52)
+    if x != x:
+        res = x
+    return res
+
+
+# Cephes tanh: rational approximation on |x| < 0.625, 1 - 2/(exp(2|x|) + 1) above.
+_TP0, _TP1, _TP2 = -9.64399179425052238628e-1, -9.92877231001918586564e1, -1.61468768441708447952e3
+_TQ0, _TQ1, _TQ2 = 1.12811678491632931402e2, 2.23548839060100448583e3, 4.84406305325125486048e3
+
+
+@_mjit
+def _tanh64(x):
+    a = abs(x)
+    s = x * x
+    small = x + x * s * (((_TP0 * s + _TP1) * s + _TP2) / (((s + _TQ0) * s + _TQ1) * s + _TQ2))
+    ac = a if a < 22.0 else 22.0                  # tanh(22) == 1.0 in float64
+    e = _exp64(ac + ac)
+    big = 1.0 - 2.0 / (e + 1.0)
+    if x < 0:
+        big = -big
+    res = small if a < 0.625 else big
+    if x != x:
+        res = x
+    return res
+
+
+@_jit
+def _sigmoid64(z):
+    # Same formula as reference._apply_activation (exp of a non-positive number).
+    e = _exp64(-abs(z))
+    if z >= 0:
+        return 1.0 / (1.0 + e)
+    return e / (1.0 + e)
+
+
+@intrinsic
+def _bits_as_f32(typingctx, x):
+    """Reinterpret the bits of an int32 as a float32 (no conversion)."""
+    if not isinstance(x, types.Integer):
+        return None
+    sig = types.float32(types.int32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return sig, codegen
+
+
+_f32 = np.float32
+_L2E_F = _f32(_LOG2E)
+_C1_F = _f32(0.693359375)          # Cephes expf: ln2 split, k * _C1_F exact in float32
+_C2_F = _f32(-2.12194440e-4)
+_F2, _F3, _F4, _F5, _F6, _F7 = (_f32(1.0 / math.factorial(i)) for i in range(2, 8))
+_ONE_F = _f32(1.0)
+_TWO_F = _f32(2.0)
+_I1, _I23, _I127 = np.int32(1), np.int32(23), np.int32(127)
+
+
+@_mjit
+def _exp32(x):
+    """expf(x) in float32 arithmetic, about 1 ulp (8 lanes per AVX2 vector)."""
+    xc = x
+    if xc > _f32(89.0):
+        xc = _f32(89.0)
+    if xc < _f32(-104.0):
+        xc = _f32(-104.0)
+    if xc != xc:
+        xc = _f32(0.0)
+    kf = np.rint(xc * _L2E_F)
+    r = (xc - kf * _C1_F) - kf * _C2_F
+    p = _F7
+    p = p * r + _F6
+    p = p * r + _F5
+    p = p * r + _F4
+    p = p * r + _F3
+    p = p * r + _F2
+    p = p * r + _ONE_F
+    p = p * r + _ONE_F
+    k = np.int32(kf)
+    k1 = k >> _I1
+    k2 = k - k1
+    res = (p * _bits_as_f32((k1 + _I127) << _I23)) * _bits_as_f32((k2 + _I127) << _I23)
+    if x != x:
+        res = x
+    return res
+
+
+# Cephes tanhf: polynomial on |x| < 0.625, 1 - 2/(exp(2|x|) + 1) above.
+_TF0, _TF1, _TF2, _TF3, _TF4 = (_f32(-5.70498872745e-3), _f32(2.06390887954e-2), _f32(-5.37397155531e-2),
+                                _f32(1.33314422036e-1), _f32(-3.33332819422e-1))
+
+
+@_mjit
+def _tanh32(x):
+    a = abs(x)
+    z = x * x
+    small = ((((_TF0 * z + _TF1) * z + _TF2) * z + _TF3) * z + _TF4) * z * x + x
+    ac = a if a < _f32(10.0) else _f32(10.0)        # tanhf(10) == 1.0f
+    e = _exp32(ac + ac)
+    big = _ONE_F - _TWO_F / (e + _ONE_F)
+    if x < 0:
+        big = -big
+    res = small if a < _f32(0.625) else big
+    if x != x:
+        res = x
+    return res
+
+
+@_jit
+def _sigmoid32(z):
+    e = _exp32(-abs(z))
+    if z >= 0:
+        return _ONE_F / (_ONE_F + e)
+    return e / (_ONE_F + e)
+
+
+def _exp_dt(x):
+    """exp in the precision of x (float32 -> _exp32, else _exp64); compiled via the overload below."""
+    raise NotImplementedError
+
+
+def _tanh_dt(x):
+    raise NotImplementedError
+
+
+def _sigmoid_dt(x):
+    raise NotImplementedError
+
+
+def _is_f32(x):
+    return isinstance(x, types.Float) and x.bitwidth == 32
+
+
+@overload(_exp_dt, jit_options=dict(error_model="numpy"))
+def _ov_exp_dt(x):
+    if _is_f32(x):
+        return lambda x: _exp32(x)
+    return lambda x: _exp64(np.float64(x))
+
+
+@overload(_tanh_dt, jit_options=dict(error_model="numpy"))
+def _ov_tanh_dt(x):
+    if _is_f32(x):
+        return lambda x: _tanh32(x)
+    return lambda x: _tanh64(np.float64(x))
+
+
+@overload(_sigmoid_dt, jit_options=dict(error_model="numpy"))
+def _ov_sigmoid_dt(x):
+    if _is_f32(x):
+        return lambda x: _sigmoid32(x)
+    return lambda x: _sigmoid64(np.float64(x))
+
+
+@_rjit
+def _sum64(x):
+    """float64 sum of a 1-D array (reassociation allowed only here: a vectorised, fixed order)."""
+    s = 0.0
+    for i in range(x.shape[0]):
+        s += np.float64(x[i])
+    return s
+
+
+@_jit
+def _max64(x):
+    """Max of a 1-D array, as float64 (-inf when empty); NaNs are skipped (callers propagate them).
+
+    Eight lanes in the array's dtype (vectorisable selects).
+    """
+    n = x.shape[0]
+    ninf = x.dtype.type(-np.inf)
+    m0 = m1 = m2 = m3 = m4 = m5 = m6 = m7 = ninf
+    i = 0
+    while i + 8 <= n:
+        v0 = x[i]
+        v1 = x[i + 1]
+        v2 = x[i + 2]
+        v3 = x[i + 3]
+        v4 = x[i + 4]
+        v5 = x[i + 5]
+        v6 = x[i + 6]
+        v7 = x[i + 7]
+        m0 = v0 if v0 > m0 else m0
+        m1 = v1 if v1 > m1 else m1
+        m2 = v2 if v2 > m2 else m2
+        m3 = v3 if v3 > m3 else m3
+        m4 = v4 if v4 > m4 else m4
+        m5 = v5 if v5 > m5 else m5
+        m6 = v6 if v6 > m6 else m6
+        m7 = v7 if v7 > m7 else m7
+        i += 8
+    while i < n:
+        v = x[i]
+        m0 = v if v > m0 else m0
+        i += 1
+    m0 = m1 if m1 > m0 else m0
+    m2 = m3 if m3 > m2 else m2
+    m4 = m5 if m5 > m4 else m4
+    m6 = m7 if m7 > m6 else m6
+    m0 = m2 if m2 > m0 else m0
+    m4 = m6 if m6 > m4 else m4
+    m0 = m4 if m4 > m0 else m0
+    return np.float64(m0)
+
+
+# fdlibm log: log(1+f) = f - (hfsq - s*(hfsq + R(s^2))), s = f/(2+f), |f| < sqrt(2)-1
+_LG1, _LG2, _LG3, _LG4 = 6.666666666666735130e-01, 3.999999999940941908e-01, 2.857142874366239149e-01, \
+    2.222219843214978396e-01
+_LG5, _LG6, _LG7 = 1.818357216161805012e-01, 1.531383769920937332e-01, 1.479819860511658591e-01
+
+
+@intrinsic
+def _f64_as_bits(typingctx, x):
+    """Reinterpret the bits of a float64 as an int64 (no conversion)."""
+    if not isinstance(x, types.Float) or x.bitwidth != 64:
+        return None
+    sig = types.int64(types.float64)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(64))
+
+    return sig, codegen
+
+
+_MANT_MASK = np.int64(0x000FFFFFFFFFFFFF)
+_ONE_BITS = np.int64(0x3FF0000000000000)
+_I52 = np.int64(52)
+_I1023 = np.int64(1023)
+
+
+@_mjit
+def _log64(x):
+    """log(x) for positive normal x (NaN -> NaN), fdlibm's polynomial, about 1 ulp, vectorisable.
+
+    Not for 0, negatives, subnormals or inf (callers only pass row sums >= 1 or NaN).
+    """
+    b = _f64_as_bits(x)
+    k = (b >> _I52) - _I1023
+    m = _bits_as_f64((b & _MANT_MASK) | _ONE_BITS)        # x = m * 2**k, m in [1, 2)
+    big = m > 1.4142135623730951
+    m = m * 0.5 if big else m
+    dk = np.float64(k) + (1.0 if big else 0.0)
+    f = m - 1.0                                           # exact
+    s = f / (2.0 + f)
+    z = s * s
+    w = z * z
+    t1 = w * (_LG2 + w * (_LG4 + w * _LG6))
+    t2 = z * (_LG1 + w * (_LG3 + w * (_LG5 + w * _LG7)))
+    r = t2 + t1
+    hfsq = 0.5 * f * f
+    res = dk * _LN2_HI - ((hfsq - (s * (hfsq + r) + dk * _LN2_LO)) - f)
+    if x != x:
+        res = x
+    return res
+
+
+@_mjit
+def _log1p_unit(x):
+    """log1p(x) for x in [0, 1] (NaN -> NaN), a few ulp, vectorisable."""
+    u = 1.0 + x
+    big = u > 1.4142135623730951
+    v = u * 0.5 if big else u
+    dk = 1.0 if big else 0.0
+    f = v - 1.0                                   # exact
+    s = f / (2.0 + f)
+    z = s * s
+    w = z * z
+    t1 = w * (_LG2 + w * (_LG4 + w * _LG6))
+    t2 = z * (_LG1 + w * (_LG3 + w * (_LG5 + w * _LG7)))
+    r = t2 + t1
+    hfsq = 0.5 * f * f
+    logu = dk * _LN2_HI - ((hfsq - (s * (hfsq + r) + dk * _LN2_LO)) - f)
+    d = u - 1.0
+    # Goldberg's correction for the rounding of u = 1 + x
+    return logu * (x / d) if d != 0.0 else x
+
+
+# =========================================================================== activations (chunks)
+
+
+@_jit
+def _act_chunk(z, out, act):
+    """out = g(z) on 1-D views (may alias)."""
+    n = z.shape[0]
+    zero = out.dtype.type(0)
+    if act == RELU:
+        for i in range(n):
+            v = z[i]
+            out[i] = zero if v < zero else v      # NaN stays NaN, like np.maximum
+    elif act == TANH:
+        for i in range(n):
+            out[i] = _tanh_dt(z[i])
+    elif act == SIGMOID:
+        for i in range(n):
+            out[i] = _sigmoid_dt(z[i])
+    else:
+        for i in range(n):
+            out[i] = z[i]
+
+
+@_jit
+def _act_grad_chunk(a, d, act, dz):
+    """dz = d * g'(a) on 1-D views (dz may alias d); reference's operation order."""
+    n = a.shape[0]
+    zero = dz.dtype.type(0)
+    one = dz.dtype.type(1)
+    if act == RELU:
+        for i in range(n):
+            dz[i] = d[i] * (one if a[i] > zero else zero)
+    elif act == TANH:
+        for i in range(n):
+            ai = a[i]
+            dz[i] = d[i] * (one - ai * ai)
+    elif act == SIGMOID:
+        for i in range(n):
+            ai = a[i]
+            dz[i] = d[i] * (ai * (one - ai))
+    else:
+        for i in range(n):
+            dz[i] = d[i]
+
+
+@_jit
+def _bias_act_row(row, b, act):
+    """row = g(row + b) in one pass (1-D views of equal length)."""
+    n = row.shape[0]
+    zero = row.dtype.type(0)
+    if act == RELU:
+        for j in range(n):
+            v = row[j] + b[j]
+            row[j] = zero if v < zero else v
+    elif act == TANH:
+        for j in range(n):
+            row[j] = _tanh_dt(row[j] + b[j])
+    elif act == SIGMOID:
+        for j in range(n):
+            row[j] = _sigmoid_dt(row[j] + b[j])
+    else:
+        for j in range(n):
+            row[j] = row[j] + b[j]
+
+
+@_jit
+def _bias_act_rows(out, b, act, r0, r1):
+    hasb = b.shape[0] != 0
+    for i in range(r0, r1):
+        if hasb:
+            _bias_act_row(out[i], b, act)
+        elif act != IDENTITY:
+            _act_chunk(out[i], out[i], act)
+
+
+@_pjit
+def _bias_act_par(out, b, act, rows_per_chunk):
+    m = out.shape[0]
+    nch = (m + rows_per_chunk - 1) // rows_per_chunk
+    for c in prange(nch):
+        r0 = c * rows_per_chunk
+        _bias_act_rows(out, b, act, r0, min(m, r0 + rows_per_chunk))
+
+
+def _bad_act(act) -> ValueError:
+    return ValueError(f"unknown activation code {act!r}; use one of IDENTITY=0, RELU=1, TANH=2, SIGMOID=3 "
+                      "(fastdl.backends.contract.ACTIVATION_CODES)")
+
+
+def _rows_per_chunk(m: int, n: int) -> int:
+    return max(1, min(m, _CHUNK // max(n, 1)))
+
+
+@_jit
+def _part_lo(m, P, p):
+    """First row of part p when m rows are cut into P parts (p == P gives m)."""
+    return (m * p) // P
+
+
+def _parts(m: int) -> int:
+    """Number of row partitions of a reduction over m rows (shape-only)."""
+    return max(1, min(_MAX_PARTS, m // _ROWS_PER_PART))
+
+
+# =========================================================================== dense
+
+
+@_jit
+def _dense_forward_serial(A_prev, W, b, act, out):
+    np.dot(A_prev, W, out)
+    _bias_act_rows(out, b, act, 0, out.shape[0])
+
+
+@_jit
+def _gemm(A, B, out):
+    np.dot(A, B, out)
+
+
+def dense_forward(A_prev, W, b, act: int, out) -> None:
+    """``out = g(A_prev @ W + b)``: BLAS GEMM, then bias + activation in one pass."""
+    if not 0 <= act <= 3:
+        raise _bad_act(act)
+    if act >= TANH and out.size >= _THR["bias_act"]:
+        _gemm(A_prev, W, out)
+        m, n = out.shape
+        _bias_act_par(out, b, act, _rows_per_chunk(m, n))
+    else:
+        _dense_forward_serial(A_prev, W, b, act, out)
+
+
+@_jit
+def _dense_backward_impl(A_prev, W, out, dout, act, l2_over_m, dZ, dW, db, dA_prev):
+    m, n = dZ.shape
+    do_db = db.shape[0] != 0
+    acc = np.zeros(n if do_db else 0, dtype=np.float64)
+    for i in range(m):
+        dzr = dZ[i]
+        _act_grad_chunk(out[i], dout[i], act, dzr)
+        if do_db:
+            for j in range(n):
+                acc[j] += dzr[j]
+    np.dot(A_prev.T, dZ, dW)
+    if l2_over_m != 0.0:
+        lam = dW.dtype.type(l2_over_m)
+        for i in range(dW.shape[0]):
+            dwr = dW[i]
+            wr = W[i]
+            for j in range(dwr.shape[0]):
+                dwr[j] += lam * wr[j]
+    if do_db:
+        for j in range(n):
+            db[j] = acc[j]
+    if dA_prev.size != 0:
+        np.dot(dZ, W.T, dA_prev)
+
+
+def dense_backward(A_prev, W, out, dout, act: int, l2_over_m: float, dZ, dW, db, dA_prev) -> None:
+    """``dZ = dout*g'(out)`` (with ``db`` in the same pass); ``dW``, ``dA_prev`` by BLAS."""
+    if not 0 <= act <= 3:
+        raise _bad_act(act)
+    _dense_backward_impl(A_prev, W, out, dout, act, float(l2_over_m), dZ, dW, db, dA_prev)
+
+
+# =========================================================================== activations
+
+
+@_jit
+def _act_fwd_serial(Z, act, out):
+    _act_chunk(Z.reshape(Z.size), out.reshape(out.size), act)
+
+
+@_pjit
+def _act_fwd_par(Z, act, out):
+    z = Z.reshape(Z.size)
+    o = out.reshape(out.size)
+    n = z.size
+    nch = (n + _CHUNK - 1) // _CHUNK
+    for c in prange(nch):
+        lo = c * _CHUNK
+        hi = min(n, lo + _CHUNK)
+        _act_chunk(z[lo:hi], o[lo:hi], act)
+
+
+@_jit
+def _act_bwd_serial(out, dout, act, dZ):
+    _act_grad_chunk(out.reshape(out.size), dout.reshape(dout.size), act, dZ.reshape(dZ.size))
+
+
+@_pjit
+def _act_bwd_par(out, dout, act, dZ):
+    a = out.reshape(out.size)
+    d = dout.reshape(dout.size)
+    dz = dZ.reshape(dZ.size)
+    n = a.size
+    nch = (n + _CHUNK - 1) // _CHUNK
+    for c in prange(nch):
+        lo = c * _CHUNK
+        hi = min(n, lo + _CHUNK)
+        _act_grad_chunk(a[lo:hi], d[lo:hi], act, dz[lo:hi])
+
+
+def activation_forward(Z, act: int, out) -> None:
+    """``out = g(Z)`` (``out`` may alias ``Z``)."""
+    if not 0 <= act <= 3:
+        raise _bad_act(act)
+    if Z.size >= (_THR["act_transcendental"] if act >= TANH else _THR["act_cheap"]):
+        _act_fwd_par(Z, act, out)
+    else:
+        _act_fwd_serial(Z, act, out)
+
+
+def activation_backward(out, dout, act: int, dZ) -> None:
+    """``dZ = dout * g'(out)`` (``dZ`` may alias ``dout``)."""
+    if not 0 <= act <= 3:
+        raise _bad_act(act)
+    if out.size >= _THR["act_cheap"]:
+        _act_bwd_par(out, dout, act, dZ)
+    else:
+        _act_bwd_serial(out, dout, act, dZ)
+
+
+# =========================================================================== batchnorm
+
+
+@_jit
+def _bn_stats_part(Z, K, r0, r1, tile_rows, pmean, pm2, tmean, tm2):
+    """Mean and centred sum of squares of rows [r0, r1) of ``Z - K`` into pmean, pm2.
+
+    float64 throughout. ``K`` (the first row of Z) is a per-feature shift: it
+    keeps the tile means small, so merging is accurate even for features whose
+    mean is large compared with their spread. Tiles of ``tile_rows`` rows:
+    tile mean, then the tile's centred sum of squares (re-read from cache),
+    merged into the running result with Chan's formula.
+    """
+    n = Z.shape[1]
+    cnt = 0
+    for t0 in range(r0, r1, tile_rows):
+        t1 = min(t0 + tile_rows, r1)
+        nb = t1 - t0
+        for j in range(n):
+            tmean[j] = 0.0
+            tm2[j] = 0.0
+        for i in range(t0, t1):
+            zr = Z[i]
+            for j in range(n):
+                tmean[j] += zr[j] - K[j]
+        for j in range(n):
+            tmean[j] /= nb
+        for i in range(t0, t1):
+            zr = Z[i]
+            for j in range(n):
+                d = (zr[j] - K[j]) - tmean[j]
+                tm2[j] += d * d
+        if cnt == 0:
+            for j in range(n):
+                pmean[j] = tmean[j]
+                pm2[j] = tm2[j]
+        else:
+            tot = cnt + nb
+            wa = cnt * nb / tot
+            fb = nb / tot
+            for j in range(n):
+                delta = tmean[j] - pmean[j]
+                pmean[j] += delta * fb
+                pm2[j] += tm2[j] + delta * delta * wa
+        cnt += nb
+
+
+@_jit
+def _bn_merge(pmean, pm2, K, m, mu, var):
+    """Merge per-part statistics in part order; undo the shift; var = M2 / m."""
+    P, n = pmean.shape
+    for j in range(n):
+        mu[j] = pmean[0, j]
+        var[j] = pm2[0, j]
+    cnt = _part_lo(m, P, 1)
+    for p in range(1, P):
+        nb = _part_lo(m, P, p + 1) - _part_lo(m, P, p)
+        tot = cnt + nb
+        wa = cnt * nb / tot
+        fb = nb / tot
+        pmr = pmean[p]
+        pm2r = pm2[p]
+        for j in range(n):
+            delta = pmr[j] - mu[j]
+            mu[j] += delta * fb
+            var[j] += pm2r[j] + delta * delta * wa
+        cnt = tot
+    for j in range(n):
+        var[j] /= cnt
+        mu[j] += K[j]
+
+
+@_jit
+def _bn_finish_stats(gamma, eps, momentum, running_mean, running_var, mean, inv_std, mu, var, inv64, g64):
+    """Write mean, inv_std and the running statistics; fill inv64, g64 for the output pass."""
+    n = mu.shape[0]
+    mom = running_mean.dtype.type(momentum)
+    omm = 1.0 - momentum
+    for j in range(n):
+        inv = 1.0 / np.sqrt(var[j] + eps)
+        mean[j] = mu[j]
+        inv_std[j] = inv
+        inv64[j] = inv
+        g64[j] = gamma[j]
+        # reference: momentum * running (array dtype) + (1 - momentum) * batch (float64)
+        running_mean[j] = np.float64(mom * running_mean[j]) + omm * mu[j]
+        running_var[j] = np.float64(mom * running_var[j]) + omm * var[j]
+
+
+@_jit
+def _bn_out_rows(Z, beta, mu, inv, g, out, r0, r1):
+    n = Z.shape[1]
+    for i in range(r0, r1):
+        zr = Z[i]
+        orow = out[i]
+        for j in range(n):
+            orow[j] = g[j] * ((zr[j] - mu[j]) * inv[j]) + beta[j]
+
+
+def _tile_rows(n: int, itemsize: int) -> int:
+    return max(1, _TILE_BYTES // max(1, n * itemsize))
+
+
+@_jit
+def _bn_shift(Z):
+    K = np.empty(Z.shape[1])
+    z0 = Z[0]
+    for j in range(K.shape[0]):
+        K[j] = z0[j]
+    return K
+
+
+@_jit
+def _bn_train_serial(Z, gamma, beta, eps, momentum, running_mean, running_var, mean, inv_std, out,
+                     P, tile_rows):
+    m, n = Z.shape
+    K = _bn_shift(Z)
+    pmean = np.empty((P, n))
+    pm2 = np.empty((P, n))
+    tmean = np.empty(n)
+    tm2 = np.empty(n)
+    for p in range(P):
+        _bn_stats_part(Z, K, _part_lo(m, P, p), _part_lo(m, P, p + 1), tile_rows, pmean[p], pm2[p], tmean, tm2)
+    mu = np.empty(n)
+    var = np.empty(n)
+    _bn_merge(pmean, pm2, K, m, mu, var)
+    inv64 = np.empty(n)
+    g64 = np.empty(n)
+    _bn_finish_stats(gamma, eps, momentum, running_mean, running_var, mean, inv_std, mu, var, inv64, g64)
+    _bn_out_rows(Z, beta, mu, inv64, g64, out, 0, m)
+
+
+@_pjit
+def _bn_train_par(Z, gamma, beta, eps, momentum, running_mean, running_var, mean, inv_std, out,
+                  P, tile_rows, rows_per_chunk):
+    m, n = Z.shape
+    K = _bn_shift(Z)
+    pmean = np.empty((P, n))
+    pm2 = np.empty((P, n))
+    tmp = np.empty((P, 2, n))
+    for p in prange(P):
+        _bn_stats_part(Z, K, _part_lo(m, P, p), _part_lo(m, P, p + 1), tile_rows, pmean[p], pm2[p],
+                       tmp[p, 0], tmp[p, 1])
+    mu = np.empty(n)
+    var = np.empty(n)
+    _bn_merge(pmean, pm2, K, m, mu, var)
+    inv64 = np.empty(n)
+    g64 = np.empty(n)
+    _bn_finish_stats(gamma, eps, momentum, running_mean, running_var, mean, inv_std, mu, var, inv64, g64)
+    nch = (m + rows_per_chunk - 1) // rows_per_chunk
+    for c in prange(nch):
+        r0 = c * rows_per_chunk
+        _bn_out_rows(Z, beta, mu, inv64, g64, out, r0, min(m, r0 + rows_per_chunk))
+
+
+def batchnorm_forward_train(Z, gamma, beta, eps: float, momentum: float,
+                            running_mean, running_var, mean, inv_std, out) -> None:
+    """Batch statistics (float64, tiled + Chan merge), running update, normalised output."""
+    m, n = Z.shape
+    if m == 0:
+        raise ValueError("batchnorm_forward_train: empty batch (Z has 0 rows); batch statistics are undefined")
+    P = _parts(m)
+    tile_rows = _tile_rows(n, Z.itemsize)
+    if Z.size >= _THR["batchnorm"]:
+        _bn_train_par(Z, gamma, beta, float(eps), float(momentum), running_mean, running_var, mean, inv_std,
+                      out, P, tile_rows, _rows_per_chunk(m, n))
+    else:
+        _bn_train_serial(Z, gamma, beta, float(eps), float(momentum), running_mean, running_var, mean,
+                         inv_std, out, P, tile_rows)
+
+
+@_jit
+def _bn_infer_rows(Z, gamma, beta, rm, sd, out, r0, r1):
+    n = Z.shape[1]
+    for i in range(r0, r1):
+        zr = Z[i]
+        orow = out[i]
+        for j in range(n):
+            # reference order: gamma * (Z - running_mean) / sqrt(running_var + eps) + beta
+            orow[j] = gamma[j] * (zr[j] - rm[j]) / sd[j] + beta[j]
+
+
+@_jit
+def _bn_sd(running_var, eps):
+    e = running_var.dtype.type(eps)
+    sd = np.empty_like(running_var)
+    for j in range(running_var.shape[0]):
+        sd[j] = np.sqrt(running_var[j] + e)
+    return sd
+
+
+@_jit
+def _bn_infer_serial(Z, gamma, beta, running_mean, running_var, eps, out):
+    sd = _bn_sd(running_var, eps)
+    _bn_infer_rows(Z, gamma, beta, running_mean, sd, out, 0, Z.shape[0])
+
+
+@_pjit
+def _bn_infer_par(Z, gamma, beta, running_mean, running_var, eps, out, rows_per_chunk):
+    sd = _bn_sd(running_var, eps)
+    m = Z.shape[0]
+    nch = (m + rows_per_chunk - 1) // rows_per_chunk
+    for c in prange(nch):
+        r0 = c * rows_per_chunk
+        _bn_infer_rows(Z, gamma, beta, running_mean, sd, out, r0, min(m, r0 + rows_per_chunk))
+
+
+def batchnorm_forward_infer(Z, gamma, beta, running_mean, running_var, eps: float, out) -> None:
+    """``out = gamma*(Z - running_mean)/sqrt(running_var + eps) + beta``."""
+    if Z.size >= _THR["batchnorm_infer"]:
+        m, n = Z.shape
+        _bn_infer_par(Z, gamma, beta, running_mean, running_var, float(eps), out, _rows_per_chunk(m, n))
+    else:
+        _bn_infer_serial(Z, gamma, beta, running_mean, running_var, float(eps), out)
+
+
+@_jit
+def _bn_bwd_part(Z, mean64, inv64, dout, r0, r1, pdg, pdb):
+    n = Z.shape[1]
+    for j in range(n):
+        pdg[j] = 0.0
+        pdb[j] = 0.0
+    for i in range(r0, r1):
+        zr = Z[i]
+        dr = dout[i]
+        for j in range(n):
+            dy = np.float64(dr[j])
+            xh = (zr[j] - mean64[j]) * inv64[j]
+            pdb[j] += dy
+            pdg[j] += dy * xh
+
+
+@_jit
+def _bn_bwd_merge(pdg, pdb, gamma, inv_std, m, dgamma, dbeta, dg, db, c):
+    P, n = pdg.shape
+    mt = gamma.dtype.type(m)
+    for j in range(n):
+        dg[j] = pdg[0, j]
+        db[j] = pdb[0, j]
+    for p in range(1, P):
+        pgr = pdg[p]
+        pbr = pdb[p]
+        for j in range(n):
+            dg[j] += pgr[j]
+            db[j] += pbr[j]
+    for j in range(n):
+        dgamma[j] = dg[j]
+        dbeta[j] = db[j]
+        # reference: gamma * inv_std / m is evaluated in the array dtype
+        c[j] = (gamma[j] * inv_std[j]) / mt
+
+
+@_jit
+def _bn_bwd_rows(Z, mean64, inv64, dout, dZ, dg, db, c, r0, r1):
+    n = Z.shape[1]
+    mf = np.float64(Z.shape[0])
+    for i in range(r0, r1):
+        zr = Z[i]
+        dr = dout[i]
+        dzr = dZ[i]
+        for j in range(n):
+            dy = np.float64(dr[j])            # read before dZ (may alias dout) is written
+            xh = (zr[j] - mean64[j]) * inv64[j]
+            dzr[j] = c[j] * (mf * dy - db[j] - xh * dg[j])
+
+
+@_jit
+def _bn_bwd_prep(mean, inv_std):
+    n = mean.shape[0]
+    mean64 = np.empty(n)
+    inv64 = np.empty(n)
+    for j in range(n):
+        mean64[j] = mean[j]
+        inv64[j] = inv_std[j]
+    return mean64, inv64
+
+
+@_jit
+def _bn_bwd_serial(Z, gamma, mean, inv_std, dout, dZ, dgamma, dbeta, P):
+    m, n = Z.shape
+    mean64, inv64 = _bn_bwd_prep(mean, inv_std)
+    pdg = np.empty((P, n))
+    pdb = np.empty((P, n))
+    for p in range(P):
+        _bn_bwd_part(Z, mean64, inv64, dout, _part_lo(m, P, p), _part_lo(m, P, p + 1), pdg[p], pdb[p])
+    dg = np.empty(n)
+    db = np.empty(n)
+    c = np.empty(n)
+    _bn_bwd_merge(pdg, pdb, gamma, inv_std, m, dgamma, dbeta, dg, db, c)
+    _bn_bwd_rows(Z, mean64, inv64, dout, dZ, dg, db, c, 0, m)
+
+
+@_pjit
+def _bn_bwd_par(Z, gamma, mean, inv_std, dout, dZ, dgamma, dbeta, P, rows_per_chunk):
+    m, n = Z.shape
+    mean64, inv64 = _bn_bwd_prep(mean, inv_std)
+    pdg = np.empty((P, n))
+    pdb = np.empty((P, n))
+    for p in prange(P):
+        _bn_bwd_part(Z, mean64, inv64, dout, _part_lo(m, P, p), _part_lo(m, P, p + 1), pdg[p], pdb[p])
+    dg = np.empty(n)
+    db = np.empty(n)
+    c = np.empty(n)
+    _bn_bwd_merge(pdg, pdb, gamma, inv_std, m, dgamma, dbeta, dg, db, c)
+    nch = (m + rows_per_chunk - 1) // rows_per_chunk
+    for ch in prange(nch):
+        r0 = ch * rows_per_chunk
+        _bn_bwd_rows(Z, mean64, inv64, dout, dZ, dg, db, c, r0, min(m, r0 + rows_per_chunk))
+
+
+def batchnorm_backward(Z, gamma, mean, inv_std, dout, dZ, dgamma, dbeta) -> None:
+    """Two passes: per-feature sums (float64), then ``dZ`` (may alias ``dout``)."""
+    m, n = Z.shape
+    if m == 0:
+        raise ValueError("batchnorm_backward: empty batch (Z has 0 rows)")
+    P = _parts(m)
+    if Z.size >= _THR["batchnorm"]:
+        _bn_bwd_par(Z, gamma, mean, inv_std, dout, dZ, dgamma, dbeta, P, _rows_per_chunk(m, n))
+    else:
+        _bn_bwd_serial(Z, gamma, mean, inv_std, dout, dZ, dgamma, dbeta, P)
+
+
+# =========================================================================== losses
+
+
+@_jit
+def _sce_rows(Z, y, dZ, do_grad, r0, r1, buf, ssum, shift):
+    """Sum over rows [r0, r1) of logsumexp(z) - z_y; dZ rows if do_grad.
+
+    Returns (loss_sum, number_of_bad_labels); a row with a bad label is
+    skipped (the wrapper raises). One exp per element, in the array's
+    precision: the row's exp(z - max) is kept in ``buf`` and reused for dZ.
+    The row sums go to ``ssum`` and ``max - z_y`` to ``shift`` (float64), and
+    their logs are taken afterwards in one vectorised loop.
+    """
+    m, k = Z.shape
+    mf = np.float64(m)
+    bad = 0
+    for i in range(r0, r1):
+        yi = y[i]
+        if yi < 0 or yi >= k:
+            bad += 1
+            ssum[i] = 1.0
+            shift[i] = 0.0
+            continue
+        zr = Z[i]
+        mx = _max64(zr)
+        mxt = buf.dtype.type(mx)
+        for j in range(k):
+            buf[j] = _exp_dt(zr[j] - mxt)        # a NaN in the row makes s NaN: all NaN
+        s = _sum64(buf)
+        ssum[i] = s
+        shift[i] = mx - np.float64(zr[yi])
+        if do_grad:
+            q = 1.0 / s
+            qm = q / mf
+            dzr = dZ[i]
+            for j in range(k):
+                dzr[j] = np.float64(buf[j]) * qm
+            dzr[yi] = (np.float64(buf[yi]) * q - 1.0) / mf
+    loss = 0.0
+    for i in range(r0, r1):
+        loss += _log64(ssum[i]) + shift[i]
+    return loss, bad
+
+
+@_jit
+def _sce_serial(Z, y, dZ, do_grad, nparts):
+    # same partial sums, in the same order, as _sce_par: identical loss bits
+    m = Z.shape[0]
+    buf = np.empty(Z.shape[1], dtype=Z.dtype)
+    ssum = np.empty(m)
+    shift = np.empty(m)
+    tot = 0.0
+    nb = 0
+    for p in range(nparts):
+        lo, bd = _sce_rows(Z, y, dZ, do_grad, _part_lo(m, nparts, p), _part_lo(m, nparts, p + 1), buf, ssum,
+                           shift)
+        tot += lo
+        nb += bd
+    return tot, nb
+
+
+@_pjit
+def _sce_par(Z, y, dZ, do_grad, nparts):
+    m, k = Z.shape
+    losses = np.zeros(nparts)
+    bads = np.zeros(nparts, dtype=np.int64)
+    ssum = np.empty(m)
+    shift = np.empty(m)
+    for p in prange(nparts):
+        buf = np.empty(k, dtype=Z.dtype)
+        lo, bd = _sce_rows(Z, y, dZ, do_grad, _part_lo(m, nparts, p), _part_lo(m, nparts, p + 1), buf, ssum,
+                           shift)
+        losses[p] = lo
+        bads[p] = bd
+    tot = 0.0
+    nb = 0
+    for p in range(nparts):
+        tot += losses[p]
+        nb += bads[p]
+    return tot, nb
+
+
+def _label_error(y, k):
+    bad = y[(y < 0) | (y >= k)]
+    return ValueError(f"softmax_cross_entropy: labels must be class ids in [0, {k}); got {bad[:5].tolist()}"
+                      f"{' ...' if bad.size > 5 else ''} ({bad.size} out of range)")
+
+
+def softmax_cross_entropy(Z, y, dZ) -> float:
+    """Mean of ``logsumexp(z) - z_y`` (float64); ``dZ = (softmax(Z) - onehot(y)) / m`` unless empty."""
+    m, k = Z.shape
+    nparts = _parts(m)
+    if nparts > 1 and Z.size >= _THR["softmax"]:
+        total, bad = _sce_par(Z, y, dZ, dZ.size != 0, nparts)
+    else:
+        total, bad = _sce_serial(Z, y, dZ, dZ.size != 0, nparts)
+    if bad:
+        raise _label_error(y, k)
+    return total / m if m else float("nan")
+
+
+@_jit
+def _softmax_rows(Z, out, r0, r1, buf):
+    k = Z.shape[1]
+    for i in range(r0, r1):
+        zr = Z[i]
+        mxt = buf.dtype.type(_max64(zr))
+        for j in range(k):
+            buf[j] = _exp_dt(zr[j] - mxt)      # in the array's precision, like the reference
+        q = out.dtype.type(1.0 / _sum64(buf))
+        orow = out[i]                          # written after Z's row is read: out may alias Z
+        for j in range(k):
+            orow[j] = buf[j] * q
+
+
+@_jit
+def _softmax_serial(Z, out):
+    _softmax_rows(Z, out, 0, Z.shape[0], np.empty(Z.shape[1], dtype=Z.dtype))
+
+
+@_pjit
+def _softmax_par(Z, out, rows_per_chunk):
+    m, k = Z.shape
+    nch = (m + rows_per_chunk - 1) // rows_per_chunk
+    for c in prange(nch):
+        r0 = c * rows_per_chunk
+        _softmax_rows(Z, out, r0, min(m, r0 + rows_per_chunk), np.empty(k, dtype=Z.dtype))
+
+
+def softmax(Z, out) -> None:
+    """Row-wise max-shifted softmax (``exp`` in the array dtype, the row sum in float64)."""
+    m, k = Z.shape
+    if Z.size >= _THR["softmax"] and m >= 2:
+        _softmax_par(Z, out, max(1, min(m // 2, _rows_per_chunk(m, k))))
+    else:
+        _softmax_serial(Z, out)
+
+
+@_jit
+def _sigmoid_bce_impl(Z, y, dZ):
+    m = Z.shape[0]
+    mf = np.float64(m)
+    z = Z.reshape(m)                      # (m, 1) C-contiguous -> (m,) view
+    do_grad = dZ.size != 0
+    dz = dZ.reshape(dZ.size)
+    terms = np.empty(m)
+    for i in range(m):
+        zi = np.float64(z[i])
+        t = np.float64(y[i])
+        e = _exp64(-abs(zi))
+        zp = 0.0 if zi < 0.0 else zi      # np.maximum(z, 0): NaN stays NaN
+        terms[i] = zp - zi * t + _log1p_unit(e)
+        if do_grad:
+            # sigmoid(z) from the same e, as reference._apply_activation computes it
+            p = 1.0 / (1.0 + e) if zi >= 0 else e / (1.0 + e)
+            dz[i] = (p - t) / mf
+    return _sum64(terms) / mf
+
+
+def sigmoid_bce(Z, y, dZ) -> float:
+    """Stable fused sigmoid + binary cross-entropy (mean over rows); ``dZ = (sigmoid(z) - y)/m``."""
+    return _sigmoid_bce_impl(Z, y, dZ)
+
+
+@_rjit
+def _sqdiff_sum(a, b):
+    """sum((a - b)**2) in float64 over flat arrays (reassociation: vectorised, fixed order)."""
+    s = 0.0
+    for i in range(a.shape[0]):
+        d = np.float64(a[i]) - np.float64(b[i])
+        s += d * d
+    return s
+
+
+@_jit
+def _mse_impl(Yhat, Y, dZ):
+    m = Yhat.shape[0]
+    mf = np.float64(m)
+    a = Yhat.reshape(Yhat.size)
+    b = Y.reshape(Y.size)
+    if dZ.size != 0:
+        dz = dZ.reshape(dZ.size)
+        inv_m = 1.0 / mf                          # (yhat - y)/m to within an ulp, without a divide
+        for i in range(a.shape[0]):
+            dz[i] = (np.float64(a[i]) - np.float64(b[i])) * inv_m
+    return 0.5 * _sqdiff_sum(a, b) / mf
+
+
+def mse(Yhat, Y, dZ) -> float:
+    """``0.5*||yhat - y||^2`` averaged over rows; ``dZ = (yhat - y)/m``."""
+    return _mse_impl(Yhat, Y, dZ)
+
+
+# =========================================================================== dropout
+
+
+@_jit
+def _dropout_fwd_chunk(a, base, key, thr, kp, mask, out):
+    """Elements base .. base+len(a)-1 (flat, row-major) of the contract's generator."""
+    zero = out.dtype.type(0)
+    one = out.dtype.type(1)
+    b1 = np.uint64(base + 1)
+    for i in range(a.shape[0]):
+        x = key + (b1 + np.uint64(i)) * _U_G
+        x ^= x >> _U_S30
+        x *= _U_C1
+        x ^= x >> _U_S27
+        x *= _U_C2
+        x ^= x >> _U_S31
+        keep = (x >> _U_S32) < thr
+        mask[i] = np.uint8(1) if keep else np.uint8(0)
+        # reference: A * mask / keep_prob, in the array dtype
+        out[i] = (a[i] * (one if keep else zero)) / kp
+
+
+@_jit
+def _dropout_fwd_serial(A, key, thr, keep_prob, mask, out):
+    _dropout_fwd_chunk(A.reshape(A.size), 0, key, thr, out.dtype.type(keep_prob), mask.reshape(mask.size),
+                       out.reshape(out.size))
+
+
+@_pjit
+def _dropout_fwd_par(A, key, thr, keep_prob, mask, out):
+    kp = out.dtype.type(keep_prob)
+    a = A.reshape(A.size)
+    mk = mask.reshape(mask.size)
+    o = out.reshape(out.size)
+    n = a.size
+    nch = (n + _CHUNK - 1) // _CHUNK
+    for c in prange(nch):
+        lo = c * _CHUNK
+        hi = min(n, lo + _CHUNK)
+        _dropout_fwd_chunk(a[lo:hi], lo, key, thr, kp, mk[lo:hi], o[lo:hi])
+
+
+def dropout_forward(A, keep_prob: float, seed: int, step: int, layer: int, mask, out) -> None:
+    """Counter-based mask (bit-identical to the reference) + apply + 1/keep_prob, one pass."""
+    key = np.uint64(dropout_key(seed, step, layer))
+    thr = np.uint64(keep_threshold(keep_prob))
+    if A.size >= _THR["dropout"]:
+        _dropout_fwd_par(A, key, thr, float(keep_prob), mask, out)
+    else:
+        _dropout_fwd_serial(A, key, thr, float(keep_prob), mask, out)
+
+
+@_jit
+def _dropout_bwd_chunk(d, mask, kp, dA):
+    for i in range(d.shape[0]):
+        dA[i] = (d[i] * mask[i]) / kp
+
+
+@_jit
+def _dropout_bwd_serial(dout, mask, keep_prob, dA):
+    _dropout_bwd_chunk(dout.reshape(dout.size), mask.reshape(mask.size), dA.dtype.type(keep_prob),
+                       dA.reshape(dA.size))
+
+
+@_pjit
+def _dropout_bwd_par(dout, mask, keep_prob, dA):
+    kp = dA.dtype.type(keep_prob)
+    d = dout.reshape(dout.size)
+    mk = mask.reshape(mask.size)
+    o = dA.reshape(dA.size)
+    n = d.size
+    nch = (n + _CHUNK - 1) // _CHUNK
+    for c in prange(nch):
+        lo = c * _CHUNK
+        hi = min(n, lo + _CHUNK)
+        _dropout_bwd_chunk(d[lo:hi], mk[lo:hi], kp, o[lo:hi])
+
+
+def dropout_backward(dout, mask, keep_prob: float, dA) -> None:
+    """``dA = dout * mask / keep_prob`` (``dA`` may alias ``dout``)."""
+    if dout.size >= _THR["dropout"]:
+        _dropout_bwd_par(dout, mask, float(keep_prob), dA)
+    else:
+        _dropout_bwd_serial(dout, mask, float(keep_prob), dA)
+
+
+# =========================================================================== optimisers
+# Element-wise arithmetic in the array dtype. SGD, momentum and RMSprop use
+# the reference's operation order (float32 results match NumPy bit for bit);
+# Adam folds its bias corrections into two scalars computed once, outside the
+# loop (agrees with the reference to a few ulp per step).
+
+
+@_jit
+def _sgd_chunk(p, g, lr):
+    for i in range(p.shape[0]):
+        p[i] -= lr * g[i]
+
+
+@_jit
+def _sgd_serial(p, g, lr):
+    _sgd_chunk(p, g, p.dtype.type(lr))
+
+
+@_pjit
+def _sgd_par(p, g, lr):
+    lr_ = p.dtype.type(lr)
+    n = p.size
+    nch = (n + _CHUNK - 1) // _CHUNK
+    for c in prange(nch):
+        lo = c * _CHUNK
+        hi = min(n, lo + _CHUNK)
+        _sgd_chunk(p[lo:hi], g[lo:hi], lr_)
+
+
+def sgd_step(params, grads, lr: float) -> None:
+    """``params -= lr * grads``."""
+    if params.size >= _THR["optimizer"]:
+        _sgd_par(params, grads, float(lr))
+    else:
+        _sgd_serial(params, grads, float(lr))
+
+
+@_jit
+def _mom_chunk(p, g, v, b, omb, scale):
+    for i in range(p.shape[0]):
+        vi = b * v[i] + omb * g[i]
+        v[i] = vi
+        p[i] -= scale * vi
+
+
+@_jit
+def _mom_serial(p, g, v, beta, omb, scale):
+    t = p.dtype.type
+    _mom_chunk(p, g, v, t(beta), t(omb), t(scale))
+
+
+@_pjit
+def _mom_par(p, g, v, beta, omb, scale):
+    t = p.dtype.type
+    b_ = t(beta)
+    omb_ = t(omb)
+    sc_ = t(scale)
+    n = p.size
+    nch = (n + _CHUNK - 1) // _CHUNK
+    for c in prange(nch):
+        lo = c * _CHUNK
+        hi = min(n, lo + _CHUNK)
+        _mom_chunk(p[lo:hi], g[lo:hi], v[lo:hi], b_, omb_, sc_)
+
+
+def momentum_step(params, grads, v, lr: float, beta: float, t: int, bias_correction: bool) -> None:
+    """``v = beta*v + (1-beta)*g``; ``params -= lr/(1-beta**t) * v`` (or ``lr * v``)."""
+    beta = float(beta)
+    scale = float(lr) / (1 - beta ** t) if bias_correction else float(lr)
+    if params.size >= _THR["optimizer"]:
+        _mom_par(params, grads, v, beta, 1 - beta, scale)
+    else:
+        _mom_serial(params, grads, v, beta, 1 - beta, scale)
+
+
+@_jit
+def _rms_chunk(p, g, s, b2, omb2, lr, eps):
+    for i in range(p.shape[0]):
+        gi = g[i]
+        si = b2 * s[i] + omb2 * gi * gi
+        s[i] = si
+        p[i] -= lr * gi / (np.sqrt(si) + eps)
+
+
+@_jit
+def _rms_serial(p, g, s, lr, b2, omb2, eps):
+    t = p.dtype.type
+    _rms_chunk(p, g, s, t(b2), t(omb2), t(lr), t(eps))
+
+
+@_pjit
+def _rms_par(p, g, s, lr, b2, omb2, eps):
+    t = p.dtype.type
+    b2_ = t(b2)
+    omb2_ = t(omb2)
+    lr_ = t(lr)
+    eps_ = t(eps)
+    n = p.size
+    nch = (n + _CHUNK - 1) // _CHUNK
+    for c in prange(nch):
+        lo = c * _CHUNK
+        hi = min(n, lo + _CHUNK)
+        _rms_chunk(p[lo:hi], g[lo:hi], s[lo:hi], b2_, omb2_, lr_, eps_)
+
+
+def rmsprop_step(params, grads, s, lr: float, beta2: float, eps: float) -> None:
+    """``s = beta2*s + (1-beta2)*g^2``; ``params -= lr*g/(sqrt(s)+eps)``."""
+    beta2 = float(beta2)
+    if params.size >= _THR["optimizer"]:
+        _rms_par(params, grads, s, float(lr), beta2, 1 - beta2, float(eps))
+    else:
+        _rms_serial(params, grads, s, float(lr), beta2, 1 - beta2, float(eps))
+
+
+@_jit
+def _adam_chunk(p, g, v, s, b1, omb1, b2, omb2, step, inv_bc2, eps):
+    # The moments in the reference's order; the update as lr/(1-beta1^t) * v /
+    # (sqrt(s * 1/(1-beta2^t)) + eps): one division and one square root per
+    # element (the reference's three divisions made this divider-bound).
+    for i in range(p.shape[0]):
+        gi = g[i]
+        vi = b1 * v[i] + omb1 * gi
+        si = b2 * s[i] + omb2 * gi * gi
+        v[i] = vi
+        s[i] = si
+        p[i] -= step * vi / (np.sqrt(si * inv_bc2) + eps)
+
+
+@_jit
+def _adam_serial(p, g, v, s, b1, omb1, b2, omb2, step, inv_bc2, eps):
+    t = p.dtype.type
+    _adam_chunk(p, g, v, s, t(b1), t(omb1), t(b2), t(omb2), t(step), t(inv_bc2), t(eps))
+
+
+@_pjit
+def _adam_par(p, g, v, s, b1, omb1, b2, omb2, step, inv_bc2, eps):
+    t = p.dtype.type
+    b1_ = t(b1)
+    omb1_ = t(omb1)
+    b2_ = t(b2)
+    omb2_ = t(omb2)
+    step_ = t(step)
+    ibc2_ = t(inv_bc2)
+    eps_ = t(eps)
+    n = p.size
+    nch = (n + _CHUNK - 1) // _CHUNK
+    for c in prange(nch):
+        lo = c * _CHUNK
+        hi = min(n, lo + _CHUNK)
+        _adam_chunk(p[lo:hi], g[lo:hi], v[lo:hi], s[lo:hi], b1_, omb1_, b2_, omb2_, step_, ibc2_, eps_)
+
+
+def adam_step(params, grads, v, s, lr: float, beta1: float, beta2: float, eps: float, t: int) -> None:
+    """Fused Adam: both moments, bias correction (computed once, outside the loop) and the update in one pass."""
+    beta1 = float(beta1)
+    beta2 = float(beta2)
+    step = float(lr) / (1 - beta1 ** t)
+    inv_bc2 = 1.0 / (1 - beta2 ** t)
+    if params.size >= _THR["adam"]:
+        _adam_par(params, grads, v, s, beta1, 1 - beta1, beta2, 1 - beta2, step, inv_bc2, float(eps))
+    else:
+        _adam_serial(params, grads, v, s, beta1, 1 - beta1, beta2, 1 - beta2, step, inv_bc2, float(eps))
+
+
+# =========================================================================== reductions
+
+
+@_rjit
+def _ssq_chunk(x):
+    """Sum of squares in float64 (reassociation allowed only here: a vectorised, fixed order)."""
+    s = 0.0
+    for i in range(x.shape[0]):
+        a = np.float64(x[i])
+        s += a * a
+    return s
+
+
+@_jit
+def _ssq_serial(x):
+    xf = x.reshape(x.size)
+    n = xf.size
+    nch = (n + _RED_CHUNK - 1) // _RED_CHUNK
+    tot = 0.0
+    for c in range(nch):
+        lo = c * _RED_CHUNK
+        tot += _ssq_chunk(xf[lo:min(n, lo + _RED_CHUNK)])
+    return tot
+
+
+@_pjit
+def _ssq_par(x):
+    xf = x.reshape(x.size)
+    n = xf.size
+    nch = (n + _RED_CHUNK - 1) // _RED_CHUNK
+    parts = np.empty(nch)
+    for c in prange(nch):
+        lo = c * _RED_CHUNK
+        parts[c] = _ssq_chunk(xf[lo:min(n, lo + _RED_CHUNK)])
+    tot = 0.0
+    for c in range(nch):
+        tot += parts[c]
+    return tot
+
+
+def sum_squares(x) -> float:
+    """``sum(x**2)`` accumulated in float64 (same chunking serial or parallel)."""
+    if x.size >= _THR["sum_squares"]:
+        return float(_ssq_par(x))
+    return float(_ssq_serial(x))
+
+
+# =========================================================================== warm-up
+
+
+def warmup(dtypes=(np.float32, np.float64)) -> None:
+    """Compile (or load from Numba's on-disk cache) every kernel variant for ``dtypes``.
+
+    Optional: kernels compile on first use anyway. Useful before timing, or
+    to pay the compile cost up front. Runs both the serial and the parallel
+    variant of every kernel on tiny arrays; the thresholds are restored.
+    """
+    saved_public, saved_active = dict(PARALLEL_THRESHOLDS), dict(_THR)
+    try:
+        for parallel in (False, True):
+            if parallel:
+                _THR.update({k: 0 for k in _THR})
+            else:
+                _THR.update({k: _NEVER for k in _THR})
+            for dt in dtypes:
+                _warmup_one(np.dtype(dt))
+    finally:
+        PARALLEL_THRESHOLDS.clear()
+        PARALLEL_THRESHOLDS.update(saved_public)
+        _THR.clear()
+        _THR.update(saved_active)
+
+
+def _warmup_one(dt) -> None:
+    m, n = 2 * _ROWS_PER_PART, 9               # m gives the losses two row partitions
+    rng = np.random.default_rng(0)
+    A = rng.standard_normal((m, n)).astype(dt)
+    W = rng.standard_normal((n, n)).astype(dt)
+    b = np.zeros(n, dt)
+    out = np.empty((m, n), dt)
+    for act in (IDENTITY, RELU, TANH, SIGMOID):
+        dense_forward(A, W, b, act, out)
+        dense_forward(A, W, b[:0], act, out)
+        activation_forward(A, act, out)
+        activation_backward(out, A, act, out.copy())
+    dense_backward(A, W, out, out.copy(), RELU, 0.1, np.empty_like(out), np.empty_like(W), b.copy(),
+                   np.empty_like(A))
+    dense_backward(A, W, out, out.copy(), RELU, 0.0, np.empty_like(out), np.empty_like(W), b[:0],
+                   np.empty((0, 0), dt))
+    g1 = np.ones(n, dt)
+    st = [np.ones(n, dt) for _ in range(4)]
+    batchnorm_forward_train(A, g1, b, 1e-5, 0.9, st[0], st[1], st[2], st[3], out)
+    batchnorm_forward_infer(A, g1, b, st[0], st[1], 1e-5, out)
+    batchnorm_backward(A, g1, st[2], st[3], out.copy(), np.empty_like(out), st[0], st[1])
+    y = np.zeros(m, np.int64)
+    softmax_cross_entropy(A, y, np.empty_like(A))
+    softmax_cross_entropy(A, y, np.empty((0, 0), dt))
+    softmax(A, out)
+    mask = np.empty((m, n), np.uint8)
+    dropout_forward(A, 0.5, 0, 1, 0, mask, out)
+    dropout_backward(out, mask, 0.5, np.empty_like(out))
+    p = A.reshape(-1).copy()
+    gr = A.reshape(-1)
+    v, s = np.zeros_like(p), np.zeros_like(p)
+    sgd_step(p, gr, 0.1)
+    momentum_step(p, gr, v, 0.1, 0.9, 1, True)
+    rmsprop_step(p, gr, s, 0.1, 0.999, 1e-8)
+    adam_step(p, gr, v, s, 0.1, 0.9, 0.999, 1e-8, 1)
+    sum_squares(p)
+    Zb = np.zeros((4, 1), dt)
+    sigmoid_bce(Zb, np.zeros(4, dt), np.empty_like(Zb))
+    sigmoid_bce(Zb, np.zeros(4, dt), np.empty((0, 0), dt))
+    mse(Zb, Zb, np.empty_like(Zb))
+    mse(Zb, Zb, np.empty((0, 0), dt))
