@@ -119,11 +119,14 @@ def fit(model: "Sequential", X, y, *, optimizer: Optimizer | None = None, epochs
         batch (two small all-reduces per BatchNorm layer and step) instead of
         each rank's own.
     fused : {'auto', True, False}
-        Run each epoch as ONE compiled call (:mod:`fastdl.backends.numba_fused`)
-        instead of ~15 kernel calls per step. ``'auto'`` uses it whenever the
-        model, optimiser and options allow it (numba kernels, softmax
-        cross-entropy, no ``augment``, not distributed); the result is the same
-        as the per-layer path. ``True`` raises if it cannot be used.
+        Run each epoch as ONE compiled call (``FusedEpoch`` in :mod:`fastdl.backends.numba_backend`)
+        instead of ~15 kernel calls per step. ``'auto'`` uses it when the
+        model, optimiser and options allow it (backend 'numba' or 'auto',
+        softmax cross-entropy, no ``augment``, not distributed) and, for
+        backend 'auto', only for small steps (below ``FUSED_AUTO_MAX_FLOPS``)
+        where call overhead dominates. With backend 'numba' the result is
+        bit-identical to the per-layer path. ``True`` raises if it cannot be
+        used; ``False`` never uses it.
 
     Returns
     -------
@@ -295,6 +298,12 @@ def fit(model: "Sequential", X, y, *, optimizer: Optimizer | None = None, epochs
     return history
 
 
+# With backend="auto", the fused epoch is used for steps below this many GEMM FLOPs, where
+# per-call overhead matters (benchmarks/RESULTS.md: config S 64-128-64-10 at batch 32 is 3.3 MFLOP
+# per step and gains ~1.5x; config M, 411 MFLOP, is within noise either way).
+FUSED_AUTO_MAX_FLOPS = 1e8
+
+
 def _fused_epoch(fused, model, optimizer, augment, dp, batch_size: int, n_features: int):
     """The compiled whole-epoch trainer when it applies (see ``fit(fused=...)``), else None."""
     if fused not in ("auto", True, False):
@@ -308,11 +317,14 @@ def _fused_epoch(fused, model, optimizer, augment, dp, batch_size: int, n_featur
         reason = "distributed training all-reduces between backward and update"
     else:
         try:
-            from .backends import numba_fused
+            from .backends import numba_backend as numba_fused
         except ImportError as exc:
             reason = f"numba is not available ({exc})"
         else:
             reason = numba_fused.supports(model, optimizer)
+            if (reason is None and fused == "auto" and model.backend_name == "auto"
+                    and numba_fused.flops_per_step(model, batch_size) > FUSED_AUTO_MAX_FLOPS):
+                reason = "large steps: BLAS time dominates, the per-layer 'auto' kernels are as fast"
     if reason is None:
         return numba_fused.FusedEpoch(model, optimizer, batch_size, n_features)
     if fused is True:

@@ -9,6 +9,15 @@ available on this machine (see :mod:`fastdl.backends.auto`).
 from __future__ import annotations
 
 import importlib
+import os
+
+# libgomp (Numba's "omp" threading layer and the Cython kernels' OpenMP: one runtime per
+# process) lets idle threads spin for milliseconds after each parallel region by default;
+# on a shared or oversubscribed machine that stalls the next region and OpenBLAS's threads
+# by 10x or more (benchmarks/README.md). A passive policy costs a futex wake-up per region,
+# which the kernels' size thresholds absorb. Set here, before any backend can load libgomp;
+# an explicit user setting wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from types import ModuleType
 from typing import Callable
 
@@ -88,16 +97,29 @@ def get_backend(name: "str | Backend" = "auto") -> Backend:
     return _cache[name]
 
 
-def info(name: str = "auto") -> dict[str, str]:
-    """Which backend runs each kernel for ``name``, and why a backend is missing.
+def info(name: str = "auto") -> dict[str, dict[str, str]]:
+    """Which backend runs each kernel for backend ``name``, and why.
 
-    Returns a dict ``kernel -> backend`` plus, for unavailable backends,
-    ``'unavailable:<backend>' -> reason``.
+    Returns ``{kernel: {"backend": ..., "why": ...}}``; backends that failed to
+    load appear as ``{"unavailable:<backend>": {"backend": <backend>, "why": <error>}}``.
     """
+    from .auto import DEFAULT_ORDER, PREFERENCE
+
     b = get_backend(name)
-    out = dict(b.sources)
+    avail = available_backends()
+    out: dict[str, dict[str, str]] = {}
+    for k, src in b.sources.items():
+        if name == "auto":
+            order = PREFERENCE.get(k, DEFAULT_ORDER)
+            why = (f"fastest available in the measured order {order} (fastdl/backends/auto.py); "
+                   f"available here: {avail}")
+        elif src == name:
+            why = f"implemented by the {name} backend"
+        else:
+            why = f"not implemented by the {name} backend: falls back to {src}"
+        out[k] = {"backend": src, "why": why}
     for n, err in _import_errors.items():
-        out[f"unavailable:{n}"] = err
+        out[f"unavailable:{n}"] = {"backend": n, "why": err}
     return out
 
 

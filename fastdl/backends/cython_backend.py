@@ -17,7 +17,6 @@ above per-kernel size thresholds when the build has OpenMP
 """
 from __future__ import annotations
 
-import os
 
 # The kernels use libgomp (one runtime per process, shared with Numba's "omp"
 # threading layer). Unless told otherwise, its idle workers spin for
@@ -28,7 +27,7 @@ import os
 # which the kernels' size thresholds absorb. Same setting as the Numba
 # backend; it only takes effect if libgomp is not loaded yet, and an explicit
 # user setting always wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# OMP_WAIT_POLICY=PASSIVE is set by fastdl.backends (imported before this module); see there.
 
 from fastdl._kernels._batchnorm import (  # noqa: E402
     batchnorm_backward, batchnorm_forward_infer, batchnorm_forward_train)
