@@ -140,7 +140,8 @@ def fit(model: "Sequential", X, y, *, optimizer: Optimizer | None = None, epochs
     comm = get_communicator(distributed)
     world = comm.size if comm is not None else 1
     if batch_size * world > m:
-        warnings.warn(f"batch_size={batch_size} (x {world} ranks) is larger than the {m} examples; using "
+        ranks = f" (x {world} ranks)" if world > 1 else ""
+        warnings.warn(f"batch_size={batch_size}{ranks} is larger than the {m} examples; using "
                       f"{-(-m // world)}", stacklevel=3)
         batch_size = -(-m // world)
     val = None
@@ -315,6 +316,8 @@ def _fused_epoch(fused, model, optimizer, augment, dp, batch_size: int, n_featur
         reason = "augment= needs a Python call per mini-batch"
     elif dp is not None:
         reason = "distributed training all-reduces between backward and update"
+    elif model.backend_name not in ("numba", "auto"):  # checked first: do not even import numba
+        reason = f"backend {model.backend_name!r} (the fused epoch runs the numba kernels)"
     else:
         try:
             from .backends import numba_backend as numba_fused
