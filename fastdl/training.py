@@ -121,12 +121,12 @@ def fit(model: "Sequential", X, y, *, optimizer: Optimizer | None = None, epochs
     fused : {'auto', True, False}
         Run each epoch as ONE compiled call (``FusedEpoch`` in :mod:`fastdl.backends.numba_backend`)
         instead of ~15 kernel calls per step. ``'auto'`` uses it when the
-        model, optimiser and options allow it (backend 'numba' or 'auto',
-        softmax cross-entropy, no ``augment``, not distributed) and, for
-        backend 'auto', only for small steps (below ``FUSED_AUTO_MAX_FLOPS``)
-        where call overhead dominates. With backend 'numba' the result is
-        bit-identical to the per-layer path. ``True`` raises if it cannot be
-        used; ``False`` never uses it.
+        model's backend is 'numba' and the model, optimiser and options allow
+        it (softmax cross-entropy, no ``augment``, not distributed); the
+        result is bit-identical to the per-layer numba path. ``True`` raises
+        if it cannot be used; ``False`` never uses it. (``backend='auto'``
+        runs the Cython kernels, which need no JIT compilation and whose
+        per-call overhead is already small.)
 
     Returns
     -------
@@ -299,12 +299,6 @@ def fit(model: "Sequential", X, y, *, optimizer: Optimizer | None = None, epochs
     return history
 
 
-# With backend="auto", the fused epoch is used for steps below this many GEMM FLOPs, where
-# per-call overhead matters (benchmarks/RESULTS.md: config S 64-128-64-10 at batch 32 is 3.3 MFLOP
-# per step and gains ~1.5x; config M, 411 MFLOP, is within noise either way).
-FUSED_AUTO_MAX_FLOPS = 1e8
-
-
 def _fused_epoch(fused, model, optimizer, augment, dp, batch_size: int, n_features: int):
     """The compiled whole-epoch trainer when it applies (see ``fit(fused=...)``), else None."""
     if fused not in ("auto", True, False):
@@ -316,7 +310,7 @@ def _fused_epoch(fused, model, optimizer, augment, dp, batch_size: int, n_featur
         reason = "augment= needs a Python call per mini-batch"
     elif dp is not None:
         reason = "distributed training all-reduces between backward and update"
-    elif model.backend_name not in ("numba", "auto"):  # checked first: do not even import numba
+    elif model.backend_name != "numba":  # checked first: do not even import numba
         reason = f"backend {model.backend_name!r} (the fused epoch runs the numba kernels)"
     else:
         try:
@@ -325,9 +319,6 @@ def _fused_epoch(fused, model, optimizer, augment, dp, batch_size: int, n_featur
             reason = f"numba is not available ({exc})"
         else:
             reason = numba_fused.supports(model, optimizer)
-            if (reason is None and fused == "auto" and model.backend_name == "auto"
-                    and numba_fused.flops_per_step(model, batch_size) > FUSED_AUTO_MAX_FLOPS):
-                reason = "large steps: BLAS time dominates, the per-layer 'auto' kernels are as fast"
     if reason is None:
         return numba_fused.FusedEpoch(model, optimizer, batch_size, n_features)
     if fused is True:

@@ -1856,16 +1856,9 @@ def supports(model, optimizer) -> str | None:
     for op in model._ops:
         if not isinstance(op, (Dense, BatchNorm, Activation, Dropout)):
             return f"layer {type(op).__name__}"
-    if model.backend_name not in ("numba", "auto"):
+    if model.backend_name != "numba":
         return f"backend {model.backend_name!r} (the fused epoch runs the numba kernels)"
     return None
-
-
-def flops_per_step(model, batch_size: int) -> float:
-    """Forward + backward GEMM FLOPs of one step: 6 * batch * sum(n_in * n_out)."""
-    from ..layers import Dense
-
-    return 6.0 * batch_size * sum(layer.n_in * layer.n_out for layer in model.layers if isinstance(layer, Dense))
 
 
 class FusedEpoch:
