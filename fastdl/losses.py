@@ -32,6 +32,10 @@ class Loss:
     def predict_from_outputs(self, Z: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
+    def count_errors(self, Z: np.ndarray, y: np.ndarray, pred: np.ndarray, wrong: np.ndarray) -> int:
+        """Misclassified rows, using the caller's int64 ``pred`` and bool ``wrong`` buffers (no allocation)."""
+        raise TypeError(f"loss {self.name!r} has no classification error")
+
 
 class SoftmaxCrossEntropy(Loss):
     name = "softmax_cross_entropy"
@@ -53,6 +57,11 @@ class SoftmaxCrossEntropy(Loss):
     def predict_from_outputs(self, Z):
         return Z.argmax(axis=1)
 
+    def count_errors(self, Z, y, pred, wrong):
+        np.argmax(Z, axis=1, out=pred)
+        np.not_equal(pred, y, out=wrong)
+        return int(np.count_nonzero(wrong))
+
 
 class BinaryCrossEntropy(Loss):
     name = "binary_cross_entropy"
@@ -72,6 +81,11 @@ class BinaryCrossEntropy(Loss):
 
     def predict_from_outputs(self, Z):
         return (Z[:, 0] > 0).astype(np.int64)
+
+    def count_errors(self, Z, y, pred, wrong):
+        np.greater(Z[:, 0], 0, out=wrong)
+        np.not_equal(wrong, y, out=wrong)
+        return int(np.count_nonzero(wrong))
 
 
 class MeanSquaredError(Loss):

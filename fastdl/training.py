@@ -197,6 +197,8 @@ def fit(model: "Sequential", X, y, *, optimizer: Optimizer | None = None, epochs
     spans = _batches(m, batch_size) if dp is None else dp.local_spans()
     xbuf = {e - s: np.empty((e - s, X.shape[1]), model.dtype) for s, e in spans[-1:] + spans[:1]}
     ybuf = {e - s: np.empty((e - s,) + y.shape[1:], y.dtype) for s, e in spans[-1:] + spans[:1]}
+    pred_buf = np.empty(batch_size, np.int64)  # training-error count without per-step allocation
+    wrong_buf = np.empty(batch_size, bool)
     aug_seed = model.seed if dp is None else dp.seed
     fused_epoch = _fused_epoch(fused, model, optimizer, augment, dp, batch_size, X.shape[1])
     bar = _progress(verbose, len(spans) * max(epochs - initial_epoch, 0))
@@ -248,7 +250,7 @@ def fit(model: "Sequential", X, y, *, optimizer: Optimizer | None = None, epochs
                 sum_loss += data_loss * (e - s)
                 sum_cost += J * (e - s)
                 if model.loss.classifier and e > s:
-                    n_wrong += int(np.count_nonzero(model.loss.predict_from_outputs(logits) != yb))
+                    n_wrong += model.loss.count_errors(logits, yb, pred_buf[:e - s], wrong_buf[:e - s])
                 if bar is not None:
                     n_cost += 1
                     ewa = ewa_beta * ewa + (1 - ewa_beta) * J
