@@ -7,20 +7,19 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from . import backends, data, datasets, schedules
+from . import augment, backends, data, datasets, plotting, schedules
+from .augment import Augmenter
 from .backends import get_backend
 from .callbacks import Callback, EarlyStopping
+from .diagnose import Diagnosis, diagnose
 from .gradcheck import GradcheckReport, gradcheck
 from .io import ModelFileError, load_model as load
 from .layers import BatchNorm, Dense, Dropout, Identity, ReLU, Sigmoid, Tanh
 from .model import Sequential
 from .optim import SGD, Adam, Momentum, Optimizer, RMSprop
-from .training import History, TrainingDiverged
-from . import augment, plotting
-from .augment import Augmenter
-from .diagnose import Diagnosis, diagnose
 from .search import Choice, IntUniform, LogUniform, OneMinusLogUniform, SearchResult, Uniform, search
 from .smoothing import EWA, ewa
+from .training import History, TrainingDiverged
 
 __all__ = [
     "Adam", "BatchNorm", "Callback", "Dense", "Dropout", "EarlyStopping", "GradcheckReport", "History",

@@ -20,6 +20,13 @@ Conventions shared by all kernels
   evaluated without gradient passes ``dZ`` of shape ``(0, 0)``.
 * Aliasing allowed where stated ("may alias"); otherwise arrays are
   distinct.
+* Errors: class labels outside ``[0, k)`` raise ``ValueError`` (never wrap
+  around); a batch of 0 rows is an error for BatchNorm; unknown activation
+  codes raise ``ValueError``. ``keep_prob`` is validated by the layer, not
+  the kernel.
+* Exactness: dropout masks are bit-identical in every backend; every other
+  output agrees with the reference to rounding (about 1e-5 relative in
+  float32, 1e-12 in float64; ``tests/test_conformance.py``).
 * Activation codes: ``IDENTITY=0, RELU=1, TANH=2, SIGMOID=3``. Derivatives
   are taken from the activation *output* ``A`` (ReLU: ``A > 0``, so 0 at 0;
   tanh: ``1 - A**2``; sigmoid: ``A * (1 - A)``), so ``Z`` is never stored.
@@ -43,6 +50,7 @@ BatchNorm (per feature over the batch; SPEC.md "Batch normalisation")
       writes ``mean``, ``inv_std = 1/sqrt(var + eps)`` (biased var), ``out``;
       updates ``running_* = momentum*running_* + (1-momentum)*batch_*`` in place.
   ``batchnorm_forward_infer(Z, gamma, beta, running_mean, running_var, eps, out) -> None``
+      (``out`` may alias ``Z``)
   ``batchnorm_backward(Z, gamma, mean, inv_std, dout, dZ, dgamma, dbeta) -> None``
       ``dgamma = sum(dout*x_hat)``, ``dbeta = sum(dout)``,
       ``dZ = gamma*inv_std/m * (m*dout - dbeta - x_hat*dgamma)``; ``dZ`` may
@@ -50,10 +58,10 @@ BatchNorm (per feature over the batch; SPEC.md "Batch normalisation")
 Losses (return the MEAN loss over the m rows as a Python float; no L2 term)
   ``softmax_cross_entropy(Z (m,k), y int64 (m,), dZ (m,k)|(0,0)) -> float``
       ``logsumexp(z) - z_y``; ``dZ = (softmax(Z) - onehot(y)) / m``.
-  ``softmax(Z, out) -> None``  (row-wise, max-shifted)
-  ``sigmoid_bce(Z (m,1), y (m,) float 0/1, dZ (m,1)|(0,0)) -> float``
+  ``softmax(Z, out) -> None``  (row-wise, max-shifted; ``out`` may alias ``Z``)
+  ``sigmoid_bce(Z (m,1), y (m,) float 0/1 of Z's dtype, dZ (m,1)|(0,0)) -> float``
       ``max(z,0) - z*y + log1p(exp(-|z|))``; ``dZ = (sigmoid(z) - y) / m``.
-  ``mse(Yhat (m,k), Y (m,k), dZ (m,k)|(0,0)) -> float``
+  ``mse(Yhat (m,k), Y (m,k) of Yhat's dtype, dZ (m,k)|(0,0)) -> float``
       ``0.5 * ||yhat - y||^2`` per row; ``dZ = (yhat - y) / m``.
 Dropout (inverted; counter-based mask, see below)
   ``dropout_forward(A (m,n), keep_prob, seed, step, layer, mask uint8 (m,n), out (m,n)) -> None``
