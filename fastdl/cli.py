@@ -114,25 +114,10 @@ def train(args) -> int:
         comm = world()
     # only rank 0 prints (and saves); the other ranks run the same code quietly
     print = builtins.print if comm is None or comm.rank == 0 else _quiet  # noqa: A001
-    if args.data:
-        X, y = load_dataset(args.data)
-        if y is None:
-            raise SystemExit(f"fastdl: {args.data} has no labels")
-        name = args.data
-    else:
-        X, y = load_digits()
-        name = "digits (8x8, bundled)"
-    y = np.asarray(y)
-    if y.dtype.kind == "f":
-        if not np.all(y == np.round(y)):
-            raise SystemExit("fastdl train: labels must be class ids (whole numbers)")
-        y = y.astype(np.int64)
-    n_classes = int(y.max()) + 1
-    Xtr, Xdv, Xte, ytr, ydv, yte = train_dev_test_split(X, y, seed=args.seed, stratify=True)
-    scaler = Standardizer().fit(Xtr)
-    Xtr, Xdv, Xte = (scaler.transform(a) for a in (Xtr, Xdv, Xte))
+    name, shape, (Xtr, Xdv, Xte, ytr, ydv, yte), scaler = _labelled_split(args)
+    n_classes = int(max(part.max() for part in (ytr, ydv, yte) if len(part))) + 1
 
-    layers = build_mlp(X.shape[1], args.hidden, n_classes, activation=args.activation,
+    layers = build_mlp(shape[1], args.hidden, n_classes, activation=args.activation,
                        batchnorm=args.batchnorm, keep_prob=args.keep_prob)
     model = Sequential(layers, loss="softmax_cross_entropy", l2=args.l2, dtype=args.dtype,
                        backend=args.backend, seed=args.seed)
@@ -140,7 +125,7 @@ def train(args) -> int:
     schedule = get_schedule(args.schedule, **({"decay_rate": args.decay_rate}
                                               if args.schedule == "inverse_time" else {}))
     callbacks = [EarlyStopping(patience=args.patience)] if args.patience > 0 else []
-    print(f"data: {name}: {X.shape[0]} examples, {X.shape[1]} features, {n_classes} classes; "
+    print(f"data: {name}: {shape[0]} examples, {shape[1]} features, {n_classes} classes; "
           f"split train/dev/test = {len(ytr)}/{len(ydv)}/{len(yte)}")
     print(model.summary())
     t0 = time.perf_counter()

@@ -10,7 +10,6 @@ import gzip
 import io
 import math
 import os
-import secrets
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +17,8 @@ from typing import Any, Optional, Union
 
 import numpy as np
 from numpy.typing import ArrayLike, DTypeLike
+
+from ._atomic import atomic_write
 
 __all__ = [
     "DataFormatError",
@@ -570,23 +571,7 @@ def save_npz(path: PathLike, X: ArrayLike, y: Optional[ArrayLike] = None, *,
     for k, a in arrays.items():
         if a.dtype.hasobject:
             raise ValueError(f"{k} has dtype object, which cannot be saved without pickle")
-    directory = path.parent
-    tmp = directory / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    # os.open with 0o666 lets the umask decide permissions, as for a normal
-    # file (mkstemp would leave it 0600).
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            (np.savez_compressed if compress else np.savez)(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    atomic_write(path, lambda f: (np.savez_compressed if compress else np.savez)(f, **arrays))
     return path
 
 

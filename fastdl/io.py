@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ._atomic import atomic_write
 from .optim import Optimizer, optimizer_from_state
 
 MAGIC = "fastdl-model"
@@ -24,28 +24,6 @@ VERSION = 1
 
 class ModelFileError(ValueError):
     """The file is not a readable fastdl model (corrupt, foreign or incompatible)."""
-
-
-def atomic_write(path: "str | os.PathLike", write) -> None:
-    """Call ``write(fileobj)`` on a temporary file beside ``path``, then rename it over ``path``.
-
-    A crash or error mid-write leaves any previous file at ``path`` intact.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 def save_model(model, path: "str | os.PathLike", *, optimizer: Optimizer | None = None,

@@ -3,15 +3,14 @@ it trains the digits with the Cython kernels and needs no compilation at run tim
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import venv
 from pathlib import Path
 
 import pytest
+from test_cython_build import _copy_source  # the sources a build needs, nothing generated
 
-ROOT = Path(__file__).resolve().parents[1]
 
 TRAIN = """
 import sys, time
@@ -32,16 +31,6 @@ model.fit(sc.transform(Xtr), ytr, optimizer=fd.Adam(3e-3), epochs=25, batch_size
 acc = model.evaluate(sc.transform(Xte), yte)["accuracy"]
 print(f"ACCURACY {acc:.4f} FIRST_EPOCH {first_epoch:.3f} NUMBA_LOADED {'numba' in sys.modules}")
 """
-
-
-def _copy_source(dst: Path) -> Path:
-    dst.mkdir(parents=True)
-    for name in ("setup.py", "pyproject.toml", "README.md", "MANIFEST.in"):
-        shutil.copy2(ROOT / name, dst / name)
-    shutil.copytree(ROOT / "kernels", dst / "kernels", ignore=shutil.ignore_patterns("*.c", "*.html"))
-    shutil.copytree(ROOT / "fastdl", dst / "fastdl",
-                    ignore=shutil.ignore_patterns("*.so", "*.pyd", "__pycache__", "*.nbi", "*.nbc"))
-    return dst
 
 
 @pytest.mark.slow

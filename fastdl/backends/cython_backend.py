@@ -33,28 +33,9 @@ from fastdl._kernels._batchnorm import (  # noqa: E402
     batchnorm_backward, batchnorm_forward_infer, batchnorm_forward_train)
 from fastdl._kernels._dense import (  # noqa: E402
     activation_backward, activation_forward, build_info, dense_backward, dense_forward)
+from fastdl.backends.contract import KERNELS  # noqa: E402
 from fastdl._kernels._dropout import dropout_backward, dropout_forward  # noqa: E402
 from fastdl._kernels._losses import mse, sigmoid_bce, softmax, softmax_cross_entropy  # noqa: E402
 from fastdl._kernels._optim import adam_step, momentum_step, rmsprop_step, sgd_step, sum_squares  # noqa: E402
 
-__all__ = [
-    "dense_forward",
-    "dense_backward",
-    "activation_forward",
-    "activation_backward",
-    "batchnorm_forward_train",
-    "batchnorm_forward_infer",
-    "batchnorm_backward",
-    "softmax_cross_entropy",
-    "softmax",
-    "sigmoid_bce",
-    "mse",
-    "dropout_forward",
-    "dropout_backward",
-    "sgd_step",
-    "momentum_step",
-    "rmsprop_step",
-    "adam_step",
-    "sum_squares",
-    "build_info",
-]
+__all__ = [*KERNELS, "build_info"]

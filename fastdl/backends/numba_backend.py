@@ -49,6 +49,7 @@ How it is built
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -1586,6 +1587,37 @@ def _warmup_one(dt) -> None:
     sigmoid_bce(Zb, np.zeros(4, dt), np.empty((0, 0), dt))
     mse(Zb, Zb, np.empty_like(Zb))
     mse(Zb, Zb, np.empty((0, 0), dt))
+
+# =========================================================================== argument layout guard
+
+
+def _layout_guard(fn):
+    """Turn Numba's errors on a strided / Fortran-order / misaligned array into a clear ValueError.
+
+    The contract requires C-contiguous arrays (layers always pass them). The check runs only when
+    the compiled call fails, so the fast path pays one Python frame and nothing else.
+    """
+    from numba.core.errors import TypingError
+
+    @functools.wraps(fn)
+    def guarded(*args):
+        try:
+            return fn(*args)
+        except (TypingError, NotImplementedError):  # NotImplementedError: reshape of a Fortran-order array
+            for i, a in enumerate(args):
+                if isinstance(a, np.ndarray) and not (a.flags.c_contiguous and a.flags.aligned):
+                    raise ValueError(
+                        f"{fn.__name__}: argument {i} (shape {a.shape}, strides {a.strides}) is not a C-contiguous, "
+                        "aligned array; the kernel contract requires one (use np.ascontiguousarray)") from None
+            raise
+
+    return guarded
+
+
+for _name in __all__:
+    if _name not in ("warmup", "PARALLEL_THRESHOLDS", "set_parallel"):
+        globals()[_name] = _layout_guard(globals()[_name])
+
 
 # =========================================================================== fused whole-epoch trainer
 #
