@@ -184,6 +184,9 @@ class MPICommunicator(Communicator):
 
     def abort(self, message: str, code: int = 1) -> None:
         print(message, file=sys.stderr, flush=True)
+        # MPI_Abort makes the launcher kill every rank at once; give its I/O forwarder a moment to
+        # pass the message on first (without this it was lost in about 1 run in 4).
+        time.sleep(0.5)
         self.comm.Abort(code)
         os._exit(code)  # pragma: no cover - Abort does not return
 
