@@ -52,6 +52,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import threading
 
 # Numba's default threading layer here is "omp" (libgomp). Unless told
 # otherwise, libgomp's idle threads spin for a long time (GOMP_SPINCOUNT
@@ -811,9 +812,31 @@ def _tile_rows(n: int, itemsize: int) -> int:
     return max(1, _TILE_BYTES // max(1, n * itemsize))
 
 
+def bn_train_scratch_size(n: int, P: int) -> int:
+    """float64 scratch elements of the BatchNorm training forward (serial or parallel)."""
+    return n * (7 + 4 * P)
+
+
+def bn_backward_scratch_size(n: int, P: int) -> int:
+    """float64 scratch elements of the BatchNorm backward."""
+    return n * (5 + 2 * P)
+
+
+_scratch_local = threading.local()
+
+
+def _scratch(size: int) -> np.ndarray:
+    """A float64 work array of ``size`` elements, reused across calls (one per thread): the
+    BatchNorm kernels' partial sums, so a training step allocates nothing."""
+    buf = getattr(_scratch_local, "buf", None)
+    if buf is None or buf.size < size:
+        buf = np.empty(max(size, 1024))
+        _scratch_local.buf = buf
+    return buf[:size]
+
+
 @_jit
-def _bn_shift(Z):
-    K = np.empty(Z.shape[1])
+def _bn_shift(Z, K):
     z0 = Z[0]
     for j in range(K.shape[0]):
         K[j] = z0[j]
@@ -822,40 +845,44 @@ def _bn_shift(Z):
 
 @_jit
 def _bn_train_serial(Z, gamma, beta, eps, momentum, running_mean, running_var, mean, inv_std, out,
-                     P, tile_rows):
+                     P, tile_rows, scratch):
     m, n = Z.shape
-    K = _bn_shift(Z)
-    pmean = np.empty((P, n))
-    pm2 = np.empty((P, n))
-    tmean = np.empty(n)
-    tm2 = np.empty(n)
+    K = scratch[:n]
+    _bn_shift(Z, K)
+    pmean = scratch[n:n + P * n].reshape((P, n))
+    pm2 = scratch[n + P * n:n + 2 * P * n].reshape((P, n))
+    rest = scratch[n + 2 * P * n:]
+    tmean = rest[:n]
+    tm2 = rest[n:2 * n]
     for p in range(P):
         _bn_stats_part(Z, K, _part_lo(m, P, p), _part_lo(m, P, p + 1), tile_rows, pmean[p], pm2[p], tmean, tm2)
-    mu = np.empty(n)
-    var = np.empty(n)
+    mu = rest[2 * n:3 * n]
+    var = rest[3 * n:4 * n]
     _bn_merge(pmean, pm2, K, m, mu, var)
-    inv64 = np.empty(n)
-    g64 = np.empty(n)
+    inv64 = rest[4 * n:5 * n]
+    g64 = rest[5 * n:6 * n]
     _bn_finish_stats(gamma, eps, momentum, running_mean, running_var, mean, inv_std, mu, var, inv64, g64)
     _bn_out_rows(Z, beta, mu, inv64, g64, out, 0, m)
 
 
 @_pjit
 def _bn_train_par(Z, gamma, beta, eps, momentum, running_mean, running_var, mean, inv_std, out,
-                  P, tile_rows, rows_per_chunk):
+                  P, tile_rows, rows_per_chunk, scratch):
     m, n = Z.shape
-    K = _bn_shift(Z)
-    pmean = np.empty((P, n))
-    pm2 = np.empty((P, n))
-    tmp = np.empty((P, 2, n))
+    K = scratch[:n]
+    _bn_shift(Z, K)
+    pmean = scratch[n:n + P * n].reshape((P, n))
+    pm2 = scratch[n + P * n:n + 2 * P * n].reshape((P, n))
+    rest = scratch[n + 2 * P * n:]
+    tmp = rest[6 * n:6 * n + 2 * P * n].reshape((P, 2, n))
     for p in prange(P):
         _bn_stats_part(Z, K, _part_lo(m, P, p), _part_lo(m, P, p + 1), tile_rows, pmean[p], pm2[p],
                        tmp[p, 0], tmp[p, 1])
-    mu = np.empty(n)
-    var = np.empty(n)
+    mu = rest[2 * n:3 * n]
+    var = rest[3 * n:4 * n]
     _bn_merge(pmean, pm2, K, m, mu, var)
-    inv64 = np.empty(n)
-    g64 = np.empty(n)
+    inv64 = rest[4 * n:5 * n]
+    g64 = rest[5 * n:6 * n]
     _bn_finish_stats(gamma, eps, momentum, running_mean, running_var, mean, inv_std, mu, var, inv64, g64)
     nch = (m + rows_per_chunk - 1) // rows_per_chunk
     for c in prange(nch):
@@ -873,10 +900,10 @@ def batchnorm_forward_train(Z, gamma, beta, eps: float, momentum: float,
     tile_rows = _tile_rows(n, Z.itemsize)
     if Z.size >= _THR["batchnorm"]:
         _bn_train_par(Z, gamma, beta, float(eps), float(momentum), running_mean, running_var, mean, inv_std,
-                      out, P, tile_rows, _rows_per_chunk(m, n))
+                      out, P, tile_rows, _rows_per_chunk(m, n), _scratch(bn_train_scratch_size(n, P)))
     else:
         _bn_train_serial(Z, gamma, beta, float(eps), float(momentum), running_mean, running_var, mean,
-                         inv_std, out, P, tile_rows)
+                         inv_std, out, P, tile_rows, _scratch(bn_train_scratch_size(n, P)))
 
 
 @_jit
@@ -975,42 +1002,46 @@ def _bn_bwd_rows(Z, mean64, inv64, dout, dZ, dg, db, c, r0, r1):
 
 
 @_jit
-def _bn_bwd_prep(mean, inv_std):
+def _bn_bwd_prep(mean, inv_std, mean64, inv64):
     n = mean.shape[0]
-    mean64 = np.empty(n)
-    inv64 = np.empty(n)
     for j in range(n):
         mean64[j] = mean[j]
         inv64[j] = inv_std[j]
-    return mean64, inv64
+    return None
 
 
 @_jit
-def _bn_bwd_serial(Z, gamma, mean, inv_std, dout, dZ, dgamma, dbeta, P):
+def _bn_bwd_serial(Z, gamma, mean, inv_std, dout, dZ, dgamma, dbeta, P, scratch):
     m, n = Z.shape
-    mean64, inv64 = _bn_bwd_prep(mean, inv_std)
-    pdg = np.empty((P, n))
-    pdb = np.empty((P, n))
+    mean64 = scratch[:n]
+    inv64 = scratch[n:2 * n]
+    _bn_bwd_prep(mean, inv_std, mean64, inv64)
+    pdg = scratch[2 * n:2 * n + P * n].reshape((P, n))
+    pdb = scratch[2 * n + P * n:2 * n + 2 * P * n].reshape((P, n))
+    rest = scratch[2 * n + 2 * P * n:]
     for p in range(P):
         _bn_bwd_part(Z, mean64, inv64, dout, _part_lo(m, P, p), _part_lo(m, P, p + 1), pdg[p], pdb[p])
-    dg = np.empty(n)
-    db = np.empty(n)
-    c = np.empty(n)
+    dg = rest[:n]
+    db = rest[n:2 * n]
+    c = rest[2 * n:3 * n]
     _bn_bwd_merge(pdg, pdb, gamma, inv_std, m, dgamma, dbeta, dg, db, c)
     _bn_bwd_rows(Z, mean64, inv64, dout, dZ, dg, db, c, 0, m)
 
 
 @_pjit
-def _bn_bwd_par(Z, gamma, mean, inv_std, dout, dZ, dgamma, dbeta, P, rows_per_chunk):
+def _bn_bwd_par(Z, gamma, mean, inv_std, dout, dZ, dgamma, dbeta, P, rows_per_chunk, scratch):
     m, n = Z.shape
-    mean64, inv64 = _bn_bwd_prep(mean, inv_std)
-    pdg = np.empty((P, n))
-    pdb = np.empty((P, n))
+    mean64 = scratch[:n]
+    inv64 = scratch[n:2 * n]
+    _bn_bwd_prep(mean, inv_std, mean64, inv64)
+    pdg = scratch[2 * n:2 * n + P * n].reshape((P, n))
+    pdb = scratch[2 * n + P * n:2 * n + 2 * P * n].reshape((P, n))
+    rest = scratch[2 * n + 2 * P * n:]
     for p in prange(P):
         _bn_bwd_part(Z, mean64, inv64, dout, _part_lo(m, P, p), _part_lo(m, P, p + 1), pdg[p], pdb[p])
-    dg = np.empty(n)
-    db = np.empty(n)
-    c = np.empty(n)
+    dg = rest[:n]
+    db = rest[n:2 * n]
+    c = rest[2 * n:3 * n]
     _bn_bwd_merge(pdg, pdb, gamma, inv_std, m, dgamma, dbeta, dg, db, c)
     nch = (m + rows_per_chunk - 1) // rows_per_chunk
     for ch in prange(nch):
@@ -1025,9 +1056,10 @@ def batchnorm_backward(Z, gamma, mean, inv_std, dout, dZ, dgamma, dbeta) -> None
         raise ValueError("batchnorm_backward: empty batch (Z has 0 rows)")
     P = _parts(m)
     if Z.size >= _THR["batchnorm"]:
-        _bn_bwd_par(Z, gamma, mean, inv_std, dout, dZ, dgamma, dbeta, P, _rows_per_chunk(m, n))
+        _bn_bwd_par(Z, gamma, mean, inv_std, dout, dZ, dgamma, dbeta, P, _rows_per_chunk(m, n),
+                    _scratch(bn_backward_scratch_size(n, P)))
     else:
-        _bn_bwd_serial(Z, gamma, mean, inv_std, dout, dZ, dgamma, dbeta, P)
+        _bn_bwd_serial(Z, gamma, mean, inv_std, dout, dZ, dgamma, dbeta, P, _scratch(bn_backward_scratch_size(n, P)))
 
 
 # =========================================================================== losses
@@ -1701,7 +1733,7 @@ def _ssq(x, thr):
 
 
 @_jit
-def _forward(X, iprog, fprog, params, state, ws, masks, m, seed, step, thr, empty1):
+def _forward(X, iprog, fprog, params, state, ws, masks, m, seed, step, thr, empty1, scratch):
     """Training-mode forward of an m-row batch; returns the logits view."""
     x = X
     for j in range(iprog.shape[0]):
@@ -1728,10 +1760,10 @@ def _forward(X, iprog, fprog, params, state, ws, masks, m, seed, step, thr, empt
             tr = _fz_tile_rows(nout, x.itemsize)
             if m * nout >= thr[T_BN]:
                 _bn_train_par(x, gamma, beta, fprog[j, F_EPS], fprog[j, F_MOMENTUM], rm, rv, mean, inv, out,
-                                 P, tr, _fz_rows_per_chunk(m, nout))
+                              P, tr, _fz_rows_per_chunk(m, nout), scratch)
             else:
                 _bn_train_serial(x, gamma, beta, fprog[j, F_EPS], fprog[j, F_MOMENTUM], rm, rv, mean, inv,
-                                    out, P, tr)
+                                 out, P, tr, scratch)
             x = out
         elif kind == OP_ACT:
             out = _view2(ws, iprog[j, I_OUT], m, nout)
@@ -1752,7 +1784,7 @@ def _forward(X, iprog, fprog, params, state, ws, masks, m, seed, step, thr, empt
 
 
 @_jit
-def _backward(X, iprog, fprog, params, grads, ws, masks, m, dlogits, l2_over_m, empty1, empty2):
+def _backward(X, iprog, fprog, params, grads, ws, masks, m, dlogits, l2_over_m, empty1, empty2, scratch):
     dout = dlogits
     n_ops = iprog.shape[0]
     for j in range(n_ops - 1, -1, -1):
@@ -1775,7 +1807,7 @@ def _backward(X, iprog, fprog, params, grads, ws, masks, m, dlogits, l2_over_m, 
             inv = ws[iprog[j, I_INV]:iprog[j, I_INV] + nout]
             target = dx if need_dx else dout
             _bn_bwd_serial(x, params[p0:p0 + nout], mean, inv, dout, target, grads[p0:p0 + nout],
-                              grads[p0 + nout:p0 + 2 * nout], _fz_parts(m))
+                           grads[p0 + nout:p0 + 2 * nout], _fz_parts(m), scratch)
         elif kind == OP_ACT:
             if need_dx:
                 _act_bwd_serial(out, dout, iprog[j, I_ACT], dx)
@@ -1817,7 +1849,7 @@ def _optimizer_step(kind, params, grads, v, s, hyper, c1, c2, thr):
 
 @_jit
 def _train_epoch(X, y, perm, batch_size, iprog, fprog, dense_w, params, grads, state, ws, masks, xbuf, ybuf,
-                 dlog_buf, opt_kind, v, s, hyper, coef1, coef2, l2, step0, seed, thr, costs, losses):
+                 dlog_buf, opt_kind, v, s, hyper, coef1, coef2, l2, step0, seed, thr, costs, losses, scratch):
     """Run every mini-batch of one epoch. Returns (steps done, wrong predictions, status).
 
     status 0: fine; 1: the cost or the gradients of step ``steps done`` were not finite
@@ -1843,11 +1875,11 @@ def _train_epoch(X, y, perm, batch_size, iprog, fprog, dense_w, params, grads, s
             for c in range(n_in):
                 dst[c] = xr[c]
         step = step0 + bi
-        logits = _forward(xb, iprog, fprog, params, state, ws, masks, m, seed, step, thr, empty1)
+        logits = _forward(xb, iprog, fprog, params, state, ws, masks, m, seed, step, thr, empty1, scratch)
         dlog = dlog_buf[:m * k].reshape((m, k))
         total, bad = _sce_serial(logits, yb, dlog, True, _fz_parts(m))
         loss = total / m
-        _backward(xb, iprog, fprog, params, grads, ws, masks, m, dlog, l2 / m, empty1, empty2)
+        _backward(xb, iprog, fprog, params, grads, ws, masks, m, dlog, l2 / m, empty1, empty2, scratch)
         l2_term = 0.0
         if l2 != 0.0:
             ss = 0.0
@@ -1947,6 +1979,10 @@ class FusedEpoch:
                 ws_size += B * nin
             dim = nout
         self.iprog, self.fprog = iprog, fprog
+        P = max(1, min(_MAX_PARTS, B // _ROWS_PER_PART))  # the partitions of a full batch: the most
+        widths = [int(r[I_NOUT]) for r in iprog if r[I_KIND] == OP_BN]
+        self.scratch = np.empty(max([max(bn_train_scratch_size(n, P), bn_backward_scratch_size(n, P))
+                                     for n in widths] + [1]))
         self.ws = np.zeros(ws_size, dt)
         self.masks = np.zeros(max(mask_size, 1), np.uint8)
         self.xbuf = np.empty(B * n_features, dt)
@@ -2004,7 +2040,7 @@ class FusedEpoch:
         done, wrong, status = _train_epoch(
             X, y, perm, self.batch_size, self.iprog, self.fprog, self.dense_w, model.params, model.grads,
             model.state, self.ws, self.masks, self.xbuf, self.ybuf, self.dlog, kind, v, s, hyper, c1, c2,
-            float(model.l2), model.step_count, model.seed, thr, costs, losses)
+            float(model.l2), model.step_count, model.seed, thr, costs, losses, self.scratch)
         opt.t += done
         model.step_count += done
         return costs[:done + status], losses[:done + status], wrong, bool(status)
