@@ -225,9 +225,12 @@ def fit(model: "Sequential", X, y, *, optimizer: Optimizer | None = None, epochs
                     history.batch_cost.append(J)
                     sum_loss += data_loss * (e - s)  # same order of float additions as the loop below
                     sum_cost += J * (e - s)
+                    n_cost += 1
+                    ewa = ewa_beta * ewa + (1 - ewa_beta) * J
                 lr = float(lrs[-1])
                 if bar is not None:
-                    bar.set_postfix_str(f"epoch {epoch + 1}/{epochs} cost {costs[-1]:.4f}", refresh=False)
+                    bar.set_postfix_str(f"epoch {epoch + 1}/{epochs} cost {ewa / (1 - ewa_beta ** n_cost):.4f}",
+                                        refresh=False)
                     bar.update(len(spans))
             for i, (s, e) in enumerate(spans if fused_epoch is None else ()):
                 xb, yb = xbuf[e - s], ybuf[e - s]
