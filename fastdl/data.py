@@ -181,6 +181,22 @@ def _apportion(total: int, counts: np.ndarray, caps: np.ndarray, rng: np.random.
     return alloc
 
 
+def _paired(X: ArrayLike, y: Optional[ArrayLike]) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    """``X`` and ``y`` as arrays with one example per row, the same number of each."""
+    X = np.asarray(X)
+    if X.ndim == 0:
+        raise ValueError("X must have one example per row, got a scalar")
+    m = X.shape[0]
+    if y is not None:
+        y = np.asarray(y)
+        if y.ndim == 0 or y.shape[0] != m:
+            raise ValueError(
+                f"X and y have different numbers of examples: X has {m}, "
+                f"y has {y.shape[0] if y.ndim else 'a scalar'}"
+            )
+    return X, y
+
+
 def train_dev_test_split(
     X: ArrayLike,
     y: Optional[ArrayLike],
@@ -221,17 +237,8 @@ def train_dev_test_split(
     -------
     X_train, X_dev, X_test, y_train, y_dev, y_test
     """
-    X = np.asarray(X)
-    if X.ndim == 0:
-        raise ValueError("X must have one example per row, got a scalar")
+    X, y = _paired(X, y)
     m = X.shape[0]
-    if y is not None:
-        y = np.asarray(y)
-        if y.ndim == 0 or y.shape[0] != m:
-            raise ValueError(
-                f"X and y have different numbers of examples: X has {m}, "
-                f"y has {y.shape[0] if y.ndim else 'a scalar'}"
-            )
     n_train, n_dev, n_test = split_sizes(m, dev_size=dev_size, test_size=test_size)
     rng = np.random.default_rng(seed)
 
@@ -493,17 +500,8 @@ def iterate_minibatches(
     # the call, not at the first next().
     if not _is_int(batch_size) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
-    X = np.asarray(X)
-    if X.ndim == 0:
-        raise ValueError("X must have one example per row, got a scalar")
+    X, y = _paired(X, y)
     m = X.shape[0]
-    if y is not None:
-        y = np.asarray(y)
-        if y.ndim == 0 or y.shape[0] != m:
-            raise ValueError(
-                f"X and y have different numbers of examples: X has {m}, "
-                f"y has {y.shape[0] if y.ndim else 'a scalar'}"
-            )
     perm = epoch_permutation(m, seed, epoch) if shuffle else None
     return _batches(X, y, int(batch_size), perm)
 
