@@ -836,6 +836,26 @@ def _scratch(size: int) -> np.ndarray:
 
 
 @_jit
+def _bn_train_views(scratch, n, P):
+    """The BatchNorm forward's float64 work arrays, carved from ``scratch`` (bn_train_scratch_size)."""
+    K = scratch[:n]
+    pmean = scratch[n:n + P * n].reshape((P, n))
+    pm2 = scratch[n + P * n:n + 2 * P * n].reshape((P, n))
+    r = scratch[n + 2 * P * n:]
+    tmp = r[6 * n:6 * n + 2 * P * n].reshape((P, 2, n))  # per-part tile sums (parallel variant)
+    return K, pmean, pm2, r[:n], r[n:2 * n], r[2 * n:3 * n], r[3 * n:4 * n], r[4 * n:5 * n], r[5 * n:6 * n], tmp
+
+
+@_jit
+def _bn_bwd_views(scratch, n, P):
+    """The BatchNorm backward's float64 work arrays, carved from ``scratch`` (bn_backward_scratch_size)."""
+    pdg = scratch[2 * n:2 * n + P * n].reshape((P, n))
+    pdb = scratch[2 * n + P * n:2 * n + 2 * P * n].reshape((P, n))
+    r = scratch[2 * n + 2 * P * n:]
+    return scratch[:n], scratch[n:2 * n], pdg, pdb, r[:n], r[n:2 * n], r[2 * n:3 * n]
+
+
+@_jit
 def _bn_shift(Z, K):
     z0 = Z[0]
     for j in range(K.shape[0]):
@@ -847,20 +867,11 @@ def _bn_shift(Z, K):
 def _bn_train_serial(Z, gamma, beta, eps, momentum, running_mean, running_var, mean, inv_std, out,
                      P, tile_rows, scratch):
     m, n = Z.shape
-    K = scratch[:n]
+    K, pmean, pm2, tmean, tm2, mu, var, inv64, g64, tmp = _bn_train_views(scratch, n, P)
     _bn_shift(Z, K)
-    pmean = scratch[n:n + P * n].reshape((P, n))
-    pm2 = scratch[n + P * n:n + 2 * P * n].reshape((P, n))
-    rest = scratch[n + 2 * P * n:]
-    tmean = rest[:n]
-    tm2 = rest[n:2 * n]
     for p in range(P):
         _bn_stats_part(Z, K, _part_lo(m, P, p), _part_lo(m, P, p + 1), tile_rows, pmean[p], pm2[p], tmean, tm2)
-    mu = rest[2 * n:3 * n]
-    var = rest[3 * n:4 * n]
     _bn_merge(pmean, pm2, K, m, mu, var)
-    inv64 = rest[4 * n:5 * n]
-    g64 = rest[5 * n:6 * n]
     _bn_finish_stats(gamma, eps, momentum, running_mean, running_var, mean, inv_std, mu, var, inv64, g64)
     _bn_out_rows(Z, beta, mu, inv64, g64, out, 0, m)
 
@@ -869,20 +880,12 @@ def _bn_train_serial(Z, gamma, beta, eps, momentum, running_mean, running_var, m
 def _bn_train_par(Z, gamma, beta, eps, momentum, running_mean, running_var, mean, inv_std, out,
                   P, tile_rows, rows_per_chunk, scratch):
     m, n = Z.shape
-    K = scratch[:n]
+    K, pmean, pm2, tmean, tm2, mu, var, inv64, g64, tmp = _bn_train_views(scratch, n, P)
     _bn_shift(Z, K)
-    pmean = scratch[n:n + P * n].reshape((P, n))
-    pm2 = scratch[n + P * n:n + 2 * P * n].reshape((P, n))
-    rest = scratch[n + 2 * P * n:]
-    tmp = rest[6 * n:6 * n + 2 * P * n].reshape((P, 2, n))
     for p in prange(P):
         _bn_stats_part(Z, K, _part_lo(m, P, p), _part_lo(m, P, p + 1), tile_rows, pmean[p], pm2[p],
                        tmp[p, 0], tmp[p, 1])
-    mu = rest[2 * n:3 * n]
-    var = rest[3 * n:4 * n]
     _bn_merge(pmean, pm2, K, m, mu, var)
-    inv64 = rest[4 * n:5 * n]
-    g64 = rest[5 * n:6 * n]
     _bn_finish_stats(gamma, eps, momentum, running_mean, running_var, mean, inv_std, mu, var, inv64, g64)
     nch = (m + rows_per_chunk - 1) // rows_per_chunk
     for c in prange(nch):
@@ -1013,17 +1016,10 @@ def _bn_bwd_prep(mean, inv_std, mean64, inv64):
 @_jit
 def _bn_bwd_serial(Z, gamma, mean, inv_std, dout, dZ, dgamma, dbeta, P, scratch):
     m, n = Z.shape
-    mean64 = scratch[:n]
-    inv64 = scratch[n:2 * n]
+    mean64, inv64, pdg, pdb, dg, db, c = _bn_bwd_views(scratch, n, P)
     _bn_bwd_prep(mean, inv_std, mean64, inv64)
-    pdg = scratch[2 * n:2 * n + P * n].reshape((P, n))
-    pdb = scratch[2 * n + P * n:2 * n + 2 * P * n].reshape((P, n))
-    rest = scratch[2 * n + 2 * P * n:]
     for p in range(P):
         _bn_bwd_part(Z, mean64, inv64, dout, _part_lo(m, P, p), _part_lo(m, P, p + 1), pdg[p], pdb[p])
-    dg = rest[:n]
-    db = rest[n:2 * n]
-    c = rest[2 * n:3 * n]
     _bn_bwd_merge(pdg, pdb, gamma, inv_std, m, dgamma, dbeta, dg, db, c)
     _bn_bwd_rows(Z, mean64, inv64, dout, dZ, dg, db, c, 0, m)
 
@@ -1031,17 +1027,10 @@ def _bn_bwd_serial(Z, gamma, mean, inv_std, dout, dZ, dgamma, dbeta, P, scratch)
 @_pjit
 def _bn_bwd_par(Z, gamma, mean, inv_std, dout, dZ, dgamma, dbeta, P, rows_per_chunk, scratch):
     m, n = Z.shape
-    mean64 = scratch[:n]
-    inv64 = scratch[n:2 * n]
+    mean64, inv64, pdg, pdb, dg, db, c = _bn_bwd_views(scratch, n, P)
     _bn_bwd_prep(mean, inv_std, mean64, inv64)
-    pdg = scratch[2 * n:2 * n + P * n].reshape((P, n))
-    pdb = scratch[2 * n + P * n:2 * n + 2 * P * n].reshape((P, n))
-    rest = scratch[2 * n + 2 * P * n:]
     for p in prange(P):
         _bn_bwd_part(Z, mean64, inv64, dout, _part_lo(m, P, p), _part_lo(m, P, p + 1), pdg[p], pdb[p])
-    dg = rest[:n]
-    db = rest[n:2 * n]
-    c = rest[2 * n:3 * n]
     _bn_bwd_merge(pdg, pdb, gamma, inv_std, m, dgamma, dbeta, dg, db, c)
     nch = (m + rows_per_chunk - 1) // rows_per_chunk
     for ch in prange(nch):
