@@ -494,6 +494,9 @@ def _log1p_unit(x):
 @_jit
 def _act_chunk(z, out, act):
     """out = g(z) on 1-D views (may alias)."""
+    if out.ctypes.data == z.ctypes.data:
+        _act_inplace(out, act)
+        return
     n = z.shape[0]
     zero = out.dtype.type(0)
     if act == RELU:
@@ -512,8 +515,37 @@ def _act_chunk(z, out, act):
 
 
 @_jit
+def _act_grad_inplace(a, d, act):
+    """d = d * g'(a) in place.
+
+    The in-place case gets its own loop because LLVM guards a vectorised
+    ``dz[i] = f(d[i])`` with a runtime overlap check that an exactly aliased
+    ``dz is d`` fails: it then ran the scalar loop, whose ReLU branch is
+    mispredicted half the time (~10x slower; a third of the S training step).
+    With one array for input and output there is nothing to check.
+    """
+    n = a.shape[0]
+    zero = d.dtype.type(0)
+    one = d.dtype.type(1)
+    if act == RELU:
+        for i in range(n):
+            d[i] = d[i] * (one if a[i] > zero else zero)
+    elif act == TANH:
+        for i in range(n):
+            ai = a[i]
+            d[i] = d[i] * (one - ai * ai)
+    elif act == SIGMOID:
+        for i in range(n):
+            ai = a[i]
+            d[i] = d[i] * (ai * (one - ai))
+
+
+@_jit
 def _act_grad_chunk(a, d, act, dz):
     """dz = d * g'(a) on 1-D views (dz may alias d); reference's operation order."""
+    if dz.ctypes.data == d.ctypes.data:
+        _act_grad_inplace(a, dz, act)
+        return
     n = a.shape[0]
     zero = dz.dtype.type(0)
     one = dz.dtype.type(1)
@@ -534,33 +566,57 @@ def _act_grad_chunk(a, d, act, dz):
 
 
 @_jit
-def _bias_act_row(row, b, act):
-    """row = g(row + b) in one pass (1-D views of equal length)."""
-    n = row.shape[0]
-    zero = row.dtype.type(0)
+def _act_inplace(x, act):
+    """x = g(x) on a 1-D view (one array: see _act_grad_inplace for why)."""
+    n = x.shape[0]
+    zero = x.dtype.type(0)
     if act == RELU:
-        for j in range(n):
-            v = row[j] + b[j]
-            row[j] = zero if v < zero else v
+        for i in range(n):
+            v = x[i]
+            x[i] = zero if v < zero else v
     elif act == TANH:
-        for j in range(n):
-            row[j] = _tanh_dt(row[j] + b[j])
+        for i in range(n):
+            x[i] = _tanh_dt(x[i])
     elif act == SIGMOID:
-        for j in range(n):
-            row[j] = _sigmoid_dt(row[j] + b[j])
-    else:
-        for j in range(n):
-            row[j] = row[j] + b[j]
+        for i in range(n):
+            x[i] = _sigmoid_dt(x[i])
 
 
 @_jit
 def _bias_act_rows(out, b, act, r0, r1):
-    hasb = b.shape[0] != 0
-    for i in range(r0, r1):
-        if hasb:
-            _bias_act_row(out[i], b, act)
-        elif act != IDENTITY:
-            _act_chunk(out[i], out[i], act)
+    """out[r0:r1] = g(out[r0:r1] + b) in one pass.
+
+    The rows are walked here rather than by calling a per-row helper: a call
+    with array arguments costs 30-90 ns in Numba, as much as the arithmetic
+    of a 64-128 wide row.
+    """
+    n = out.shape[1]
+    if b.shape[0] == 0:
+        if act != IDENTITY:
+            _act_inplace(out.reshape(out.size)[r0 * n:r1 * n], act)
+        return
+    zero = out.dtype.type(0)
+    if act == RELU:
+        for i in range(r0, r1):
+            row = out[i]
+            for j in range(n):
+                v = row[j] + b[j]
+                row[j] = zero if v < zero else v
+    elif act == TANH:
+        for i in range(r0, r1):
+            row = out[i]
+            for j in range(n):
+                row[j] = _tanh_dt(row[j] + b[j])
+    elif act == SIGMOID:
+        for i in range(r0, r1):
+            row = out[i]
+            for j in range(n):
+                row[j] = _sigmoid_dt(row[j] + b[j])
+    else:
+        for i in range(r0, r1):
+            row = out[i]
+            for j in range(n):
+                row[j] = row[j] + b[j]
 
 
 @_pjit
@@ -621,14 +677,16 @@ def dense_forward(A_prev, W, b, act: int, out) -> None:
 @_jit
 def _dense_backward_impl(A_prev, W, out, dout, act, l2_over_m, dZ, dW, db, dA_prev):
     m, n = dZ.shape
-    do_db = db.shape[0] != 0
-    acc = np.zeros(n if do_db else 0, dtype=np.float64)
-    for i in range(m):
-        dzr = dZ[i]
-        _act_grad_chunk(out[i], dout[i], act, dzr)
-        if do_db:
+    # one call over the whole (contiguous) batch: per-row calls cost more than the arithmetic
+    _act_grad_chunk(out.reshape(out.size), dout.reshape(dout.size), act, dZ.reshape(dZ.size))
+    if db.shape[0] != 0:
+        acc = np.zeros(n, dtype=np.float64)
+        for i in range(m):
+            dzr = dZ[i]
             for j in range(n):
                 acc[j] += dzr[j]
+        for j in range(n):
+            db[j] = acc[j]
     np.dot(A_prev.T, dZ, dW)
     if l2_over_m != 0.0:
         lam = dW.dtype.type(l2_over_m)
@@ -637,9 +695,6 @@ def _dense_backward_impl(A_prev, W, out, dout, act, l2_over_m, dZ, dW, db, dA_pr
             wr = W[i]
             for j in range(dwr.shape[0]):
                 dwr[j] += lam * wr[j]
-    if do_db:
-        for j in range(n):
-            db[j] = acc[j]
     if dA_prev.size != 0:
         np.dot(dZ, W.T, dA_prev)
 
@@ -1075,11 +1130,25 @@ def _sce_rows(Z, y, dZ, do_grad, r0, r1, buf, ssum, shift):
             shift[i] = 0.0
             continue
         zr = Z[i]
-        mx = _max64(zr)
-        mxt = buf.dtype.type(mx)
+        if k <= 16:
+            # rows this short are reduced inline: a call to the vectorised
+            # helpers (array arguments, refcounts) costs more than the row
+            mxt = buf.dtype.type(-np.inf)
+            for j in range(k):
+                v = zr[j]
+                mxt = v if v > mxt else mxt
+            mx = np.float64(mxt)
+        else:
+            mx = _max64(zr)
+            mxt = buf.dtype.type(mx)
         for j in range(k):
             buf[j] = _exp_dt(zr[j] - mxt)        # a NaN in the row makes s NaN: all NaN
-        s = _sum64(buf)
+        if k <= 16:
+            s = 0.0
+            for j in range(k):
+                s += np.float64(buf[j])
+        else:
+            s = _sum64(buf)
         ssum[i] = s
         shift[i] = mx - np.float64(zr[yi])
         if do_grad:
@@ -1507,6 +1576,21 @@ def _ssq_chunk(x):
     return s
 
 
+@_rjit
+def _all_finite(x):
+    """True if no element of the 1-D array is NaN or infinite.
+
+    ``x * 0`` is 0 for every finite value and NaN otherwise; summed in the
+    array's dtype with reassociation this is one vectorised pass, 4-8x
+    cheaper than the float64 sum of squares (the fused epoch's per-step
+    divergence check).
+    """
+    acc = x.dtype.type(0)
+    for i in range(x.shape[0]):
+        acc += x[i] * x.dtype.type(0)
+    return acc == 0
+
+
 @_jit
 def _ssq_serial(x):
     xf = x.reshape(x.size)
@@ -1886,7 +1970,7 @@ def _train_epoch(X, y, perm, batch_size, iprog, fprog, dense_w, params, grads, s
                     best = c
             if best != yb[r]:
                 wrong += 1
-        if not (math.isfinite(J) and math.isfinite(_ssq(grads, thr[T_SSQ]))):
+        if not (math.isfinite(J) and _all_finite(grads)):
             return bi, wrong, 1
         _optimizer_step(opt_kind, params, grads, v, s, hyper, coef1[bi], coef2[bi], thr)
     return n_batches, wrong, 0
