@@ -10,14 +10,29 @@ from __future__ import annotations
 import math
 from typing import Any, Callable
 
+import numpy as np
+
 from ._validation import check_positive
 
 
 class Schedule:
     """Base class: constant learning rate."""
 
+    #: False when the rate depends on the epoch only (then :meth:`rates` calls the schedule once)
+    per_step: bool = False
+
     def __call__(self, alpha0: float, epoch: int, step: int) -> float:
         return alpha0
+
+    def rates(self, alpha0: float, epoch: int, first_step: int, n: int) -> np.ndarray:
+        """The rates of ``n`` consecutive updates of one epoch, steps ``first_step, first_step + 1, ...``.
+
+        Equal, element for element, to calling the schedule per step (the
+        fused epoch takes them as one array).
+        """
+        if not self.per_step:
+            return np.full(n, float(self(alpha0, epoch, first_step)))
+        return np.array([self(alpha0, epoch, first_step + i) for i in range(n)], dtype=np.float64)
 
     def get_config(self) -> dict[str, Any]:
         return {}
@@ -88,6 +103,8 @@ class StaircaseDecay(Schedule):
 
 class LambdaSchedule(Schedule):
     """Any ``fn(alpha0, epoch, step) -> lr`` (not serialisable)."""
+
+    per_step = True  # unknown: ask fn for every step
 
     def __init__(self, fn: Callable[[float, int, int], float]):
         self.fn = fn

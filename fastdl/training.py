@@ -201,6 +201,7 @@ def fit(model: "Sequential", X, y, *, optimizer: Optimizer | None = None, epochs
     wrong_buf = np.empty(batch_size, bool)
     aug_seed = model.seed if dp is None else dp.seed
     fused_epoch = _fused_epoch(fused, model, optimizer, augment, dp, batch_size, X.shape[1])
+    batch_sizes = np.array([float(e - s) for s, e in spans])
     bar = _progress(verbose, len(spans) * max(epochs - initial_epoch, 0))
     ewa, ewa_beta, n_cost = 0.0, 0.98, 0
     if dp is not None:
@@ -215,20 +216,22 @@ def fit(model: "Sequential", X, y, *, optimizer: Optimizer | None = None, epochs
             n_wrong = 0
             lr = optimizer.lr
             if fused_epoch is not None:
-                lrs = np.array([schedule(optimizer.lr, epoch, optimizer.t + 1 + i) for i in range(len(spans))])
+                lrs = schedule.rates(optimizer.lr, epoch, optimizer.t + 1, len(spans))
                 costs, losses, n_wrong, diverged = fused_epoch.run(X, y, perm, lrs)
                 n_ok = len(costs) - diverged
                 if diverged:
                     history.batch_cost.extend(costs[:n_ok].tolist())
                     _diverged(model, snapshot, float(costs[-1]), epoch, float(lrs[n_ok]))
-                for (s, e), J, data_loss in zip(spans, costs.tolist(), losses.tolist()):
-                    history.batch_cost.append(J)
-                    sum_loss += data_loss * (e - s)  # same order of float additions as the loop below
-                    sum_cost += J * (e - s)
-                    n_cost += 1
-                    ewa = ewa_beta * ewa + (1 - ewa_beta) * J
+                history.batch_cost.extend(costs.tolist())
+                # np.add.accumulate adds left to right from the first term: the same float
+                # additions, in the same order, as the per-step loop below
+                sum_loss = float(np.add.accumulate(losses * batch_sizes)[-1])
+                sum_cost = float(np.add.accumulate(costs * batch_sizes)[-1])
                 lr = float(lrs[-1])
                 if bar is not None:
+                    for J in costs.tolist():
+                        n_cost += 1
+                        ewa = ewa_beta * ewa + (1 - ewa_beta) * J
                     bar.set_postfix_str(f"epoch {epoch + 1}/{epochs} cost {ewa / (1 - ewa_beta ** n_cost):.4f}",
                                         refresh=False)
                     bar.update(len(spans))

@@ -2074,19 +2074,21 @@ class FusedEpoch:
         c1 = np.empty(n)
         c2 = np.zeros(n)
         hyper = np.zeros(N_H)
+        steps = range(t0 + 1, t0 + n + 1)
+
+        def one_minus_pow(beta: float) -> np.ndarray:
+            # Python's float ** int, as the per-step kernels compute it (np.power may differ in the last bit)
+            return np.array([1 - beta ** t for t in steps])
+
         if isinstance(opt, Adam):
             kind = OPT_ADAM
             hyper[:] = (opt.beta1, opt.beta2, opt.eps)
-            for i in range(n):
-                t = t0 + i + 1
-                c1[i] = float(lrs[i]) / (1 - opt.beta1 ** t)
-                c2[i] = 1.0 / (1 - opt.beta2 ** t)
+            c1[:] = lrs / one_minus_pow(float(opt.beta1))
+            c2[:] = 1.0 / one_minus_pow(float(opt.beta2))
         elif isinstance(opt, Momentum):
             kind = OPT_MOMENTUM
             hyper[H_BETA1] = opt.beta
-            for i in range(n):
-                t = t0 + i + 1
-                c1[i] = float(lrs[i]) / (1 - opt.beta ** t) if opt.bias_correction else float(lrs[i])
+            c1[:] = lrs / one_minus_pow(float(opt.beta)) if opt.bias_correction else lrs
         elif isinstance(opt, RMSprop):
             kind = OPT_RMSPROP
             hyper[H_BETA2], hyper[H_EPS] = opt.beta2, opt.eps
