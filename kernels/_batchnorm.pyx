@@ -6,18 +6,32 @@ Every pass sweeps rows of a row-major ``(m, n)`` array contiguously: with
 (so results do not depend on the number of threads), each thread sweeping
 its range of every row. (Blocks of columns walked down the rows would stride
 by ``n`` elements: with ``n`` a power of two all the rows of a block map to
-the same cache sets and thrash.) Statistics are accumulated in float64:
+the same cache sets and thrash.) Each sweep handles several rows at once
+(8 for the statistics, 4 for the other passes) so that per-feature
+accumulators and parameters are loaded and stored once per group of rows,
+not once per row; the inner loops are C (below) so that GCC vectorises them
+(512-bit in the AVX-512 clones) without runtime alias checks (``dZ`` may
+alias ``dout``). The float64 sums cost one float32 -> float64 conversion
+per element, which bounds the L2-resident case; large arrays are bound by
+memory bandwidth (the passes below read ``Z`` twice per call, and ``dout``
+twice in backward).
 
-* forward (train): on data shifted by the first row (removes a common
-  offset, so tile means carry no ``eps * |offset|`` rounding into the
-  merge), rows in tiles of about ``TILE_BYTES``; per tile the mean and the
-  centred sum of squares (two passes over the tile, from cache), merged into
-  the running mean / M2 with Chan's formula: one read of ``Z`` from memory,
-  as stable as the two-pass formula. Then
-  ``out = (z - mean) * (gamma * inv_std) + beta`` in float64 arithmetic;
-* backward: pass 1 ``dbeta = sum(dout)``, ``dgamma = sum(dout * x_hat)``;
-  pass 2 ``dZ = k1*dout - k2 - k3*(z - mean)`` per element, which reads each
-  element of ``dout`` before writing the same element of ``dZ`` (may alias);
+* forward (train), one read of ``Z`` for the statistics: per block of 8
+  rows and per feature, the sum and sum of squares of the 7 differences to
+  the block's first row (float64: exact differences of float32 data, and
+  the cancellation in ``S2 - S1**2/8`` is bounded by a factor 9 whatever the
+  offset), giving the block's mean and centred sum of squares; blocks are
+  merged into the running mean / M2 with Chan's formula, means kept relative
+  to the first row of ``Z`` (no ``eps * |offset|`` rounding in the merge).
+  As stable as the two-pass formula. Then
+  ``out = ((z - mean_hi) - mean_lo) * (gamma * inv_std) + beta`` in the
+  array's dtype: the float64 mean split into two float32 numbers keeps
+  ``z - mean`` accurate to rounding (float64 data: ``mean_lo = 0``);
+* backward: pass 1 ``dbeta = sum(dout)``, ``dgamma = inv_std * sum(dout * (z - mean))``
+  (float64 sums of exact float64 products); pass 2
+  ``dZ = k1*dout - k2 - k3*(z - mean)`` in the array's dtype, per element,
+  reading each element of ``dout`` before writing the same element of
+  ``dZ`` (may alias);
 * inference: per-feature scale computed once, rows in parallel.
 """
 cimport numpy as cnp
@@ -32,119 +46,318 @@ from fastdl.backends import reference as _ref
 cnp.import_array()
 
 cdef enum:
-    TILE_BYTES = 131072  # rows per statistics tile: about this many bytes of one thread's columns
     GRAIN = 524288       # elements per thread below which training passes run serially
     GRAIN_INFER = 524288  # same for inference (one memory-bound pass)
     MIN_COLS = 64        # columns per thread at least
+    NWORK = 7            # float64 scratch per column: three float64 arrays + four of per-feature parameters
+
+
+# Row-group kernels on columns [0, w) of rows z, z + n, ...: static inline C,
+# inlined into (and vectorised for) each clone of the tc_void callers below.
+# BN_IVDEP: the rows of one group never overlap each other and the
+# per-feature arrays, and dZ aliases dout element for element at most (each
+# element read before it is written), so no loop-carried dependence.
+cdef extern from *:
+    """
+    #if defined(__clang__)
+    #define BN_IVDEP _Pragma("clang loop vectorize(assume_safety)")
+    #elif defined(__GNUC__)
+    #define BN_IVDEP _Pragma("GCC ivdep")
+    #else
+    #define BN_IVDEP
+    #endif
+
+    /* Columns before the first 64-byte aligned element of a written row: the
+       element-wise passes run them first so that the vector loop stores
+       whole cache lines (a store split across two lines costs several
+       cycles; NumPy's large arrays start 16 or 32 bytes into a line). */
+    static inline Py_ssize_t bn_head(const void* p, Py_ssize_t w, size_t size) {
+        Py_ssize_t h = (Py_ssize_t)(((size_t)0 - (size_t)p) % 64 / size);
+        return h < w ? h : w;
+    }
+    /* loop bodies of the element-wise passes (column j of rows 0..3 / one row) */
+    #define BN_NORM4(T) { \\
+        T h_ = mh[j], l_ = ml[j], c_ = s[j], d_ = b[j]; \\
+        o[j] = ((z[j] - h_) - l_) * c_ + d_; \\
+        o1[j] = ((z1[j] - h_) - l_) * c_ + d_; \\
+        o2[j] = ((z2[j] - h_) - l_) * c_ + d_; \\
+        o3[j] = ((z3[j] - h_) - l_) * c_ + d_; }
+    #define BN_NORM1 { o[j] = ((z[j] - mh[j]) - ml[j]) * s[j] + b[j]; }
+    #define BN_DZ4(T) { \\
+        T c_ = mu[j], a_ = k1[j], b_ = k2[j], d_ = k3[j]; \\
+        o[j] = (a_ * y[j] - b_) - d_ * (z[j] - c_); \\
+        o1[j] = (a_ * y1[j] - b_) - d_ * (z1[j] - c_); \\
+        o2[j] = (a_ * y2[j] - b_) - d_ * (z2[j] - c_); \\
+        o3[j] = (a_ * y3[j] - b_) - d_ * (z3[j] - c_); }
+    #define BN_DZ1 { o[j] = (k1[j] * y[j] - k2[j]) - k3[j] * (z[j] - mu[j]); }
+
+    #define BN_KERNELS(T, S) \\
+    /* 8 rows: shifted sums of the block, merged with Chan (f = 8/(cnt+8), g = cnt*f) */ \\
+    static inline void bn_stats8_##S(const T* z, Py_ssize_t n, Py_ssize_t w, const T* k, \\
+                                     double* mu, double* m2, double f, double g) { \\
+        const T *z1 = z + n, *z2 = z1 + n, *z3 = z2 + n, *z4 = z3 + n, *z5 = z4 + n, *z6 = z5 + n, \\
+                *z7 = z6 + n; \\
+        Py_ssize_t j; \\
+        BN_IVDEP for (j = 0; j < w; j++) { \\
+            double a = z[j]; \\
+            double d1 = z1[j] - a, d2 = z2[j] - a, d3 = z3[j] - a, d4 = z4[j] - a, \\
+                   d5 = z5[j] - a, d6 = z6[j] - a, d7 = z7[j] - a; \\
+            double s1 = ((d1 + d2) + (d3 + d4)) + ((d5 + d6) + d7); \\
+            double s2 = ((d1 * d1 + d2 * d2) + (d3 * d3 + d4 * d4)) + ((d5 * d5 + d6 * d6) + d7 * d7); \\
+            double dl = (s1 * 0.125 + (a - k[j])) - mu[j]; \\
+            mu[j] += dl * f; \\
+            m2[j] += (s2 - s1 * s1 * 0.125) + dl * dl * g; \\
+        } \\
+    } \\
+    /* one row (Welford: f = 1/(cnt+1), g = cnt*f) */ \\
+    static inline void bn_stats1_##S(const T* z, Py_ssize_t w, const T* k, double* mu, double* m2, \\
+                                     double f, double g) { \\
+        Py_ssize_t j; \\
+        BN_IVDEP for (j = 0; j < w; j++) { \\
+            double dl = ((double)z[j] - k[j]) - mu[j]; \\
+            mu[j] += dl * f; \\
+            m2[j] += dl * dl * g; \\
+        } \\
+    } \\
+    static inline void bn_norm4_##S(const T* z, T* o, Py_ssize_t n, Py_ssize_t w, const T* mh, \\
+                                    const T* ml, const T* s, const T* b) { \\
+        const T *z1 = z + n, *z2 = z1 + n, *z3 = z2 + n; \\
+        T *o1 = o + n, *o2 = o1 + n, *o3 = o2 + n; \\
+        Py_ssize_t j, h = bn_head(o, w, sizeof(T)); \\
+        BN_IVDEP for (j = 0; j < h; j++) \\
+            BN_NORM4(T) \\
+        BN_IVDEP for (j = h; j < w; j++) \\
+            BN_NORM4(T) \\
+    } \\
+    static inline void bn_norm1_##S(const T* z, T* o, Py_ssize_t w, const T* mh, const T* ml, \\
+                                    const T* s, const T* b) { \\
+        Py_ssize_t j, h = bn_head(o, w, sizeof(T)); \\
+        BN_IVDEP for (j = 0; j < h; j++) \\
+            BN_NORM1 \\
+        BN_IVDEP for (j = h; j < w; j++) \\
+            BN_NORM1 \\
+    } \\
+    /* sb += sum(dy), sg += sum(dy * (z - mu)) over 4 rows (8 would spill registers) */ \\
+    static inline void bn_bsums4_##S(const T* z, const T* y, Py_ssize_t n, Py_ssize_t w, const T* mu, \\
+                                     double* sb, double* sg) { \\
+        const T *z1 = z + n, *z2 = z1 + n, *z3 = z2 + n, *y1 = y + n, *y2 = y1 + n, *y3 = y2 + n; \\
+        Py_ssize_t j; \\
+        BN_IVDEP for (j = 0; j < w; j++) { \\
+            double c = mu[j], e0 = y[j], e1 = y1[j], e2 = y2[j], e3 = y3[j]; \\
+            sb[j] += (e0 + e1) + (e2 + e3); \\
+            sg[j] += (e0 * (z[j] - c) + e1 * (z1[j] - c)) + (e2 * (z2[j] - c) + e3 * (z3[j] - c)); \\
+        } \\
+    } \\
+    static inline void bn_bsums1_##S(const T* z, const T* y, Py_ssize_t w, const T* mu, double* sb, \\
+                                     double* sg) { \\
+        Py_ssize_t j; \\
+        BN_IVDEP for (j = 0; j < w; j++) { \\
+            double e = y[j]; \\
+            sb[j] += e; \\
+            sg[j] += e * ((double)z[j] - mu[j]); \\
+        } \\
+    } \\
+    static inline void bn_dz4_##S(const T* z, const T* y, T* o, Py_ssize_t n, Py_ssize_t w, const T* mu, \\
+                                  const T* k1, const T* k2, const T* k3) { \\
+        const T *z1 = z + n, *z2 = z1 + n, *z3 = z2 + n, *y1 = y + n, *y2 = y1 + n, *y3 = y2 + n; \\
+        T *o1 = o + n, *o2 = o1 + n, *o3 = o2 + n; \\
+        Py_ssize_t j, h = bn_head(o, w, sizeof(T)); \\
+        BN_IVDEP for (j = 0; j < h; j++) \\
+            BN_DZ4(T) \\
+        BN_IVDEP for (j = h; j < w; j++) \\
+            BN_DZ4(T) \\
+    } \\
+    static inline void bn_dz1_##S(const T* z, const T* y, T* o, Py_ssize_t w, const T* mu, const T* k1, \\
+                                  const T* k2, const T* k3) { \\
+        Py_ssize_t j, h = bn_head(o, w, sizeof(T)); \\
+        BN_IVDEP for (j = 0; j < h; j++) \\
+            BN_DZ1 \\
+        BN_IVDEP for (j = h; j < w; j++) \\
+            BN_DZ1 \\
+    } \\
+    /* per-feature results and the parameters of the element-wise pass (columns \\
+       [0, w)); m2 becomes var, sd holds sqrt(var + eps). The sqrt has a loop \\
+       of its own: with errno (the default) GCC does not vectorise it. */ \\
+    static inline void bn_fwd_finish_##S( \\
+            Py_ssize_t w, Py_ssize_t m, double eps, double mom, const T* k, const double* mu, \\
+            double* m2, double* sd, const T* gamma, const T* beta, T* mean, T* inv_std, \\
+            T* run_mean, T* run_var, T* mh, T* ml, T* s, T* b) { \\
+        Py_ssize_t j; \\
+        BN_IVDEP for (j = 0; j < w; j++) \\
+            m2[j] = m2[j] / m; \\
+        for (j = 0; j < w; j++) \\
+            sd[j] = sqrt(m2[j] + eps); \\
+        BN_IVDEP for (j = 0; j < w; j++) { \\
+            double u = mu[j] + k[j], var = m2[j], istd = 1.0 / sd[j]; \\
+            T h = (T)u; \\
+            mean[j] = h; \\
+            inv_std[j] = (T)istd; \\
+            run_mean[j] = (T)(mom * run_mean[j] + (1.0 - mom) * u); \\
+            run_var[j] = (T)(mom * run_var[j] + (1.0 - mom) * var); \\
+            mh[j] = h; \\
+            ml[j] = (T)(u - h); \\
+            s[j] = (T)(gamma[j] * istd); \\
+            b[j] = beta[j]; \\
+        } \\
+    } \\
+    /* dgamma, dbeta and the coefficients of dZ = k1*dy - k2 - k3*(z - mean) */ \\
+    static inline void bn_bwd_finish_##S(Py_ssize_t w, Py_ssize_t m, const T* gamma, const T* inv_std, \\
+                                         const double* sb, const double* sg, T* dgamma, T* dbeta, \\
+                                         T* k1, T* k2, T* k3) { \\
+        Py_ssize_t j; \\
+        double inv_m = 1.0 / m; \\
+        BN_IVDEP for (j = 0; j < w; j++) { \\
+            double istd = inv_std[j], dg = sg[j] * istd, g = gamma[j] * istd; \\
+            dgamma[j] = (T)dg; \\
+            dbeta[j] = (T)sb[j]; \\
+            k1[j] = (T)g; \\
+            k2[j] = (T)(g * sb[j] * inv_m); \\
+            k3[j] = (T)(g * dg * istd * inv_m); \\
+        } \\
+    }
+
+    BN_KERNELS(float, f)
+    BN_KERNELS(double, d)
+    """
+    void bn_stats8_f(const float*, Py_ssize_t, Py_ssize_t, const float*, double*, double*, double, double) noexcept nogil
+    void bn_stats8_d(const double*, Py_ssize_t, Py_ssize_t, const double*, double*, double*, double, double) noexcept nogil
+    void bn_stats1_f(const float*, Py_ssize_t, const float*, double*, double*, double, double) noexcept nogil
+    void bn_stats1_d(const double*, Py_ssize_t, const double*, double*, double*, double, double) noexcept nogil
+    void bn_norm4_f(const float*, float*, Py_ssize_t, Py_ssize_t, const float*, const float*, const float*,
+                    const float*) noexcept nogil
+    void bn_norm4_d(const double*, double*, Py_ssize_t, Py_ssize_t, const double*, const double*,
+                    const double*, const double*) noexcept nogil
+    void bn_norm1_f(const float*, float*, Py_ssize_t, const float*, const float*, const float*,
+                    const float*) noexcept nogil
+    void bn_norm1_d(const double*, double*, Py_ssize_t, const double*, const double*, const double*,
+                    const double*) noexcept nogil
+    void bn_bsums4_f(const float*, const float*, Py_ssize_t, Py_ssize_t, const float*, double*,
+                     double*) noexcept nogil
+    void bn_bsums4_d(const double*, const double*, Py_ssize_t, Py_ssize_t, const double*, double*,
+                     double*) noexcept nogil
+    void bn_bsums1_f(const float*, const float*, Py_ssize_t, const float*, double*, double*) noexcept nogil
+    void bn_bsums1_d(const double*, const double*, Py_ssize_t, const double*, double*, double*) noexcept nogil
+    void bn_dz4_f(const float*, const float*, float*, Py_ssize_t, Py_ssize_t, const float*, const float*,
+                  const float*, const float*) noexcept nogil
+    void bn_dz4_d(const double*, const double*, double*, Py_ssize_t, Py_ssize_t, const double*,
+                  const double*, const double*, const double*) noexcept nogil
+    void bn_dz1_f(const float*, const float*, float*, Py_ssize_t, const float*, const float*, const float*,
+                  const float*) noexcept nogil
+    void bn_dz1_d(const double*, const double*, double*, Py_ssize_t, const double*, const double*,
+                  const double*, const double*) noexcept nogil
+    void bn_fwd_finish_f(Py_ssize_t, Py_ssize_t, double, double, const float*, const double*, double*, double*,
+                         const float*, const float*, float*, float*, float*, float*, float*, float*, float*,
+                         float*) noexcept nogil
+    void bn_fwd_finish_d(Py_ssize_t, Py_ssize_t, double, double, const double*, const double*, double*, double*,
+                         const double*, const double*, double*, double*, double*, double*, double*, double*,
+                         double*, double*) noexcept nogil
+    void bn_bwd_finish_f(Py_ssize_t, Py_ssize_t, const float*, const float*, const double*, const double*,
+                         float*, float*, float*, float*, float*) noexcept nogil
+    void bn_bwd_finish_d(Py_ssize_t, Py_ssize_t, const double*, const double*, const double*, const double*,
+                         double*, double*, double*, double*, double*) noexcept nogil
 
 
 # ------------------------------------------------------------------ column-range bodies
-# Each handles columns [c0, c1) of every row; ``work`` holds float64 scratch.
+# Each handles columns [c0, c1) of every row; ``work`` holds NWORK * (c1 - c0)
+# float64 of scratch: float64 accumulators, then arrays of ``real``.
 
 cdef tc_void fwd_train_cols(const real* Z, const real* gamma, const real* beta, double eps, double mom,
                             real* run_mean, real* run_var, real* mean, real* inv_std, real* out,
                             Py_ssize_t m, Py_ssize_t n, Py_ssize_t c0, Py_ssize_t c1, double* work) noexcept nogil:
     cdef Py_ssize_t w = c1 - c0
-    cdef double* mu = work             # running mean, then the mean
+    cdef double* mu = work             # running mean, relative to the first row k
     cdef double* m2 = work + w         # running centred sum of squares
-    cdef double* tm = work + 2 * w     # tile mean, then gamma * inv_std
-    cdef double* tq = work + 3 * w     # tile centred sum of squares, then beta
-    cdef double* k = work + 4 * w      # the shift: the first row
-    cdef Py_ssize_t tile = TILE_BYTES // (w * sizeof(real))
-    cdef Py_ssize_t i, j, r0, r1, cnt = 0
-    cdef double d, f, inv_nb, var, istd
-    cdef const real* z
-    cdef real* o
-    if tile < 1:
-        tile = 1
+    cdef double* sd = work + 2 * w     # sqrt(var + eps)
+    cdef real* mh = <real*>(work + 3 * w)   # mean = mh + ml (ml = 0 for float64)
+    cdef real* ml = mh + w
+    cdef real* s = mh + 2 * w          # gamma * inv_std
+    cdef real* b = mh + 3 * w          # beta
+    cdef const real* k = Z + c0
+    cdef Py_ssize_t i = 0, j, cnt = 0
+    cdef double f
     for j in range(w):
         mu[j] = 0.0
         m2[j] = 0.0
-        k[j] = Z[c0 + j]
-    r0 = 0
-    while r0 < m:
-        r1 = r0 + tile if r0 + tile < m else m
-        for j in range(w):
-            tm[j] = 0.0
-            tq[j] = 0.0
-        for i in range(r0, r1):
-            z = Z + i * n + c0
-            for j in range(w):
-                tm[j] += z[j] - k[j]
-        inv_nb = 1.0 / (r1 - r0)
-        for j in range(w):
-            tm[j] *= inv_nb
-        for i in range(r0, r1):
-            z = Z + i * n + c0
-            for j in range(w):
-                d = (z[j] - k[j]) - tm[j]
-                tq[j] += d * d
-        # Chan et al.: merge (cnt, mu, m2) with the tile (r1 - r0, tm, tq)
-        f = (r1 - r0) / <double>(cnt + r1 - r0)
-        for j in range(w):
-            d = tm[j] - mu[j]
-            mu[j] += d * f
-            m2[j] += tq[j] + d * d * cnt * f
-        cnt += r1 - r0
-        r0 = r1
-    for j in range(w):
-        mu[j] += k[j]
-        var = m2[j] / m
-        istd = 1.0 / sqrt(var + eps)
-        mean[c0 + j] = <real>mu[j]
-        inv_std[c0 + j] = <real>istd
-        run_mean[c0 + j] = <real>(mom * run_mean[c0 + j] + (1.0 - mom) * mu[j])
-        run_var[c0 + j] = <real>(mom * run_var[c0 + j] + (1.0 - mom) * var)
-        tm[j] = gamma[c0 + j] * istd
-        tq[j] = beta[c0 + j]
-    for i in range(m):
-        z = Z + i * n + c0
-        o = out + i * n + c0
-        for j in range(w):
-            o[j] = <real>((z[j] - mu[j]) * tm[j] + tq[j])
+    while i + 8 <= m:
+        f = 8.0 / (cnt + 8)
+        if real is float:
+            bn_stats8_f(Z + i * n + c0, n, w, k, mu, m2, f, cnt * f)
+        else:
+            bn_stats8_d(Z + i * n + c0, n, w, k, mu, m2, f, cnt * f)
+        cnt += 8
+        i += 8
+    while i < m:
+        f = 1.0 / (cnt + 1)
+        if real is float:
+            bn_stats1_f(Z + i * n + c0, w, k, mu, m2, f, cnt * f)
+        else:
+            bn_stats1_d(Z + i * n + c0, w, k, mu, m2, f, cnt * f)
+        cnt += 1
+        i += 1
+    if real is float:
+        bn_fwd_finish_f(w, m, eps, mom, k, mu, m2, sd, gamma + c0, beta + c0, mean + c0, inv_std + c0,
+                        run_mean + c0, run_var + c0, mh, ml, s, b)
+    else:
+        bn_fwd_finish_d(w, m, eps, mom, k, mu, m2, sd, gamma + c0, beta + c0, mean + c0, inv_std + c0,
+                        run_mean + c0, run_var + c0, mh, ml, s, b)
+    i = 0
+    while i + 4 <= m:
+        if real is float:
+            bn_norm4_f(Z + i * n + c0, out + i * n + c0, n, w, mh, ml, s, b)
+        else:
+            bn_norm4_d(Z + i * n + c0, out + i * n + c0, n, w, mh, ml, s, b)
+        i += 4
+    while i < m:
+        if real is float:
+            bn_norm1_f(Z + i * n + c0, out + i * n + c0, w, mh, ml, s, b)
+        else:
+            bn_norm1_d(Z + i * n + c0, out + i * n + c0, w, mh, ml, s, b)
+        i += 1
 
 
 cdef tc_void backward_cols(const real* Z, const real* gamma, const real* mean, const real* inv_std,
                            const real* dout, real* dZ, real* dgamma, real* dbeta,
                            Py_ssize_t m, Py_ssize_t n, Py_ssize_t c0, Py_ssize_t c1, double* work) noexcept nogil:
     cdef Py_ssize_t w = c1 - c0
-    cdef double* sb = work
-    cdef double* sg = work + w
-    cdef double* mu = work + 2 * w
-    cdef double* istd = work + 3 * w
-    cdef double* k1 = work + 4 * w
-    cdef double* k2 = work + 5 * w
-    cdef double* k3 = work + 6 * w
-    cdef double dy, inv_m = 1.0 / m
-    cdef Py_ssize_t i, j
-    cdef const real* z
-    cdef const real* g
-    cdef real* o
+    cdef double* sb = work             # sum(dout)
+    cdef double* sg = work + w         # sum(dout * (z - mean))
+    cdef real* k1 = <real*>(work + 2 * w)
+    cdef real* k2 = k1 + w
+    cdef real* k3 = k1 + 2 * w
+    cdef const real* mu = mean + c0
+    cdef Py_ssize_t i = 0, j
     for j in range(w):
         sb[j] = 0.0
         sg[j] = 0.0
-        mu[j] = mean[c0 + j]
-        istd[j] = inv_std[c0 + j]
-    for i in range(m):
-        z = Z + i * n + c0
-        g = dout + i * n + c0
-        for j in range(w):
-            dy = g[j]
-            sb[j] += dy
-            sg[j] += dy * ((z[j] - mu[j]) * istd[j])
-    for j in range(w):
-        dgamma[c0 + j] = <real>sg[j]
-        dbeta[c0 + j] = <real>sb[j]
-        # dZ = gamma*istd/m * (m*dy - dbeta - x_hat*dgamma), x_hat = (z - mu)*istd
-        k1[j] = gamma[c0 + j] * istd[j]
-        k2[j] = k1[j] * sb[j] * inv_m
-        k3[j] = k1[j] * sg[j] * istd[j] * inv_m
-    for i in range(m):
-        z = Z + i * n + c0
-        g = dout + i * n + c0
-        o = dZ + i * n + c0
-        for j in range(w):
-            o[j] = <real>(k1[j] * g[j] - k2[j] - k3[j] * (z[j] - mu[j]))
+    while i + 4 <= m:
+        if real is float:
+            bn_bsums4_f(Z + i * n + c0, dout + i * n + c0, n, w, mu, sb, sg)
+        else:
+            bn_bsums4_d(Z + i * n + c0, dout + i * n + c0, n, w, mu, sb, sg)
+        i += 4
+    while i < m:
+        if real is float:
+            bn_bsums1_f(Z + i * n + c0, dout + i * n + c0, w, mu, sb, sg)
+        else:
+            bn_bsums1_d(Z + i * n + c0, dout + i * n + c0, w, mu, sb, sg)
+        i += 1
+    if real is float:
+        bn_bwd_finish_f(w, m, gamma + c0, inv_std + c0, sb, sg, dgamma + c0, dbeta + c0, k1, k2, k3)
+    else:
+        bn_bwd_finish_d(w, m, gamma + c0, inv_std + c0, sb, sg, dgamma + c0, dbeta + c0, k1, k2, k3)
+    i = 0
+    while i + 4 <= m:
+        if real is float:
+            bn_dz4_f(Z + i * n + c0, dout + i * n + c0, dZ + i * n + c0, n, w, mu, k1, k2, k3)
+        else:
+            bn_dz4_d(Z + i * n + c0, dout + i * n + c0, dZ + i * n + c0, n, w, mu, k1, k2, k3)
+        i += 4
+    while i < m:
+        if real is float:
+            bn_dz1_f(Z + i * n + c0, dout + i * n + c0, dZ + i * n + c0, w, mu, k1, k2, k3)
+        else:
+            bn_dz1_d(Z + i * n + c0, dout + i * n + c0, dZ + i * n + c0, w, mu, k1, k2, k3)
+        i += 1
 
 
 cdef tc_void infer_rows(const real* Z, const real* shift, const real* scale, const real* beta, real* out,
@@ -173,7 +386,7 @@ cdef int _forward_train(const real* Z, const real* gamma, const real* beta, doub
                         Py_ssize_t m, Py_ssize_t n) noexcept nogil:
     cdef int nt = col_threads(m, n)
     cdef Py_ssize_t per = chunk_size(n, nt), c, c0
-    cdef double* work = <double*>malloc(5 * (n + 16 * nt) * sizeof(double))
+    cdef double* work = <double*>malloc(NWORK * (n + 16 * nt) * sizeof(double))
     if work == NULL:
         return -1
     if nt == 1:
@@ -183,7 +396,7 @@ cdef int _forward_train(const real* Z, const real* gamma, const real* beta, doub
             c0 = c * per
             if c0 < n:
                 fwd_train_cols(Z, gamma, beta, eps, mom, run_mean, run_var, mean, inv_std, out, m, n,
-                               c0, min(n, c0 + per), work + 5 * (c0 + 16 * c))
+                               c0, min(n, c0 + per), work + NWORK * (c0 + 16 * c))
     free(work)
     return 0
 
@@ -192,7 +405,7 @@ cdef int _backward(const real* Z, const real* gamma, const real* mean, const rea
                    real* dZ, real* dgamma, real* dbeta, Py_ssize_t m, Py_ssize_t n) noexcept nogil:
     cdef int nt = col_threads(m, n)
     cdef Py_ssize_t per = chunk_size(n, nt), c, c0
-    cdef double* work = <double*>malloc(7 * (n + 16 * nt) * sizeof(double))
+    cdef double* work = <double*>malloc(NWORK * (n + 16 * nt) * sizeof(double))
     if work == NULL:
         return -1
     if nt == 1:
@@ -202,7 +415,7 @@ cdef int _backward(const real* Z, const real* gamma, const real* mean, const rea
             c0 = c * per
             if c0 < n:
                 backward_cols(Z, gamma, mean, inv_std, dout, dZ, dgamma, dbeta, m, n, c0, min(n, c0 + per),
-                              work + 7 * (c0 + 16 * c))
+                              work + NWORK * (c0 + 16 * c))
     free(work)
     return 0
 
