@@ -17,6 +17,8 @@ HERE = Path(__file__).parent
 EXTENSIONS = {
     # module name -> source file under kernels/
     "fastdl._build_info": "kernels/_build_info.pyx",
+    # the GEMM entry point of both compiled backends (fastdl/backends/blas.py picks the BLAS)
+    "fastdl._kernels._blas": "kernels/_blas.pyx",
     # the Cython backend (fastdl/backends/cython_backend.py imports these)
     "fastdl._kernels._dense": "kernels/_dense.pyx",
     "fastdl._kernels._batchnorm": "kernels/_batchnorm.pyx",

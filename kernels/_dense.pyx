@@ -1,9 +1,9 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
 """Dense layers and standalone activations.
 
-GEMMs go through ``scipy.linalg.cython_blas`` (column-major BLAS: a row-major
-product ``C = A @ B`` is computed as the column-major ``C^T = B^T A^T`` by
-swapping the operands), always called outside any OpenMP region. The
+GEMMs go through ``fastdl._kernels._blas`` (row-major wrappers over the
+BLAS chosen by :mod:`fastdl.backends.blas`: SciPy's OpenBLAS or MKL),
+always called outside any OpenMP region. The
 elementwise work around them is fused into one pass:
 
 * forward: ``out`` is pre-filled with the bias rows and the GEMM accumulates
@@ -28,16 +28,24 @@ handed to the reference kernel, which handles or rejects them.
 """
 cimport numpy as cnp
 from cython.parallel cimport prange
-from libc.string cimport memcpy, memset
-from scipy.linalg.cython_blas cimport dgemm, sgemm
+from libc.string cimport memcpy
 
 from _kernel_common cimport (FASTDL_CLONES, FASTDL_HAVE_OPENMP, IDENTITY, RELU, SIGMOID, TANH, chunk_size, data, dim,
                              fastdl_max_threads, is_empty, is_float,
                              nthreads, r_relu, r_sigmoid, r_step, r_tanh, real, rtype, tc_void, wtype)
 
+from fastdl._kernels import _blas
 from fastdl.backends import reference as _ref
 
 cnp.import_array()
+
+ctypedef void (*sgemm_rm_t)(int, int, int, int, int, float, const float*, int, const float*, int, float, float*,
+                            int) noexcept nogil
+ctypedef void (*dgemm_rm_t)(int, int, int, int, int, double, const double*, int, const double*, int, double,
+                            double*, int) noexcept nogil
+
+cdef sgemm_rm_t _sgemm_rm = <sgemm_rm_t><size_t>_blas.rowmajor_addresses()[0]
+cdef dgemm_rm_t _dgemm_rm = <dgemm_rm_t><size_t>_blas.rowmajor_addresses()[1]
 
 
 def build_info():
@@ -64,23 +72,13 @@ cdef inline Py_ssize_t grain(int act) noexcept nogil:
 
 # ------------------------------------------------------------------ BLAS
 
-cdef void gemm(bint trans_a, bint trans_b, int M, int N, int K, real alpha, const real* A, int lda,
-               const real* B, int ldb, real beta, real* C, int ldc) noexcept nogil:
+cdef inline void gemm(bint trans_a, bint trans_b, int M, int N, int K, real alpha, const real* A, int lda,
+                      const real* B, int ldb, real beta, real* C, int ldc) noexcept nogil:
     """Row-major ``C (M,N) = alpha * op(A) @ op(B) + beta * C``; ``ld*`` are row strides."""
-    cdef char ta = b'T' if trans_a else b'N'
-    cdef char tb = b'T' if trans_b else b'N'
-    cdef Py_ssize_t i
-    if M == 0 or N == 0:
-        return
-    if K == 0:
-        if beta == 0:
-            for i in range(M):
-                memset(C + i * ldc, 0, N * sizeof(real))
-        return
     if real is float:
-        sgemm(&tb, &ta, &N, &M, &K, &alpha, <float*>B, &ldb, <float*>A, &lda, &beta, C, &ldc)
+        _sgemm_rm(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc)
     else:
-        dgemm(&tb, &ta, &N, &M, &K, &alpha, <double*>B, &ldb, <double*>A, &lda, &beta, C, &ldc)
+        _dgemm_rm(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc)
 
 
 # ------------------------------------------------------------------ elementwise chunks

@@ -34,7 +34,7 @@ from fastdl.backends.contract import KERNELS, RELU, SIGMOID, TANH
 cy = pytest.importorskip("fastdl.backends.cython_backend", reason="Cython extensions not built")
 
 ROOT = Path(__file__).resolve().parents[1]
-EXT_MODULES = ("_dense", "_batchnorm", "_losses", "_dropout", "_optim")
+EXT_MODULES = ("_blas", "_dense", "_batchnorm", "_losses", "_dropout", "_optim")
 
 # Run in a fresh interpreter against the package under ``root``: drop the
 # editable-install finder (it would map ``fastdl`` back to the source tree).

@@ -9,8 +9,8 @@ The names below are the compiled functions themselves (no Python wrapper),
 with the reference signatures. Each validates its arguments on the NumPy C
 API (dtype float32/float64 shared by all float arrays, C-contiguous, aligned,
 native byte order, writeable outputs, matching shapes) and hands anything
-else to the reference kernel, which handles or rejects it. BLAS (GEMM) comes
-from ``scipy.linalg.cython_blas``; elementwise passes use OpenMP threads
+else to the reference kernel, which handles or rejects it. BLAS (GEMM):
+see :mod:`fastdl.backends.blas` (MKL when installed, else SciPy's OpenBLAS); elementwise passes use OpenMP threads
 above per-kernel size thresholds when the build has OpenMP
 (:func:`fastdl._build_info.openmp_enabled`), and respect
 ``OMP_NUM_THREADS`` / ``threadpoolctl``. ``build_info()`` reports how the extensions were built.
@@ -28,6 +28,10 @@ from __future__ import annotations
 # backend; it only takes effect if libgomp is not loaded yet, and an explicit
 # user setting always wins.
 # OMP_WAIT_POLICY=PASSIVE is set by fastdl.backends (imported before this module); see there.
+
+from fastdl.backends import blas as _blas_choice  # noqa: E402
+
+_blas_choice.select()   # MKL or SciPy's OpenBLAS for the GEMMs, before any kernel runs
 
 from fastdl._kernels._batchnorm import (  # noqa: E402
     batchnorm_backward, batchnorm_forward_infer, batchnorm_forward_train)

@@ -32,10 +32,12 @@ How it is built
   variants share the same chunk helper and, for reductions, the same
   partitioning (a function of the shapes only), so results never depend on
   the number of threads or on which variant ran.
-* GEMMs are ``np.dot`` inside njit (BLAS: SciPy's OpenBLAS through
-  ``cython_blas``), never inside a ``prange`` region. Bias and activation
-  (forward) and activation derivative and ``db`` (backward) are fused into
-  one pass over each row.
+* GEMMs call the row-major wrappers of ``fastdl._kernels._blas`` (the
+  same BLAS as the Cython backend, chosen by :mod:`fastdl.backends.blas`:
+  MKL when installed, else SciPy's OpenBLAS), registered as LLVM symbols so
+  the cached machine code links to them by name; never inside a ``prange``
+  region. Bias and activation (forward) and activation derivative and
+  ``db`` (backward) are fused into one pass.
 * Reductions (losses, ``sum_squares``, BatchNorm statistics, ``db``) are
   accumulated in float64. BatchNorm statistics: per tile of rows the tile
   mean, then the centred sum of squares re-read from cache, on data shifted
@@ -65,6 +67,7 @@ import threading
 # OMP_WAIT_POLICY=PASSIVE is set by fastdl.backends (imported before this module); see there.
 
 import numpy as np  # noqa: E402
+import llvmlite.binding  # noqa: E402
 from llvmlite import ir  # noqa: E402
 from numba import njit, prange, types  # noqa: E402
 from numba.extending import intrinsic, overload  # noqa: E402
@@ -648,18 +651,92 @@ def _parts(m: int) -> int:
     return max(1, min(_MAX_PARTS, m // _ROWS_PER_PART))
 
 
+# =========================================================================== GEMM
+
+_I32 = types.int32
+
+
+def _gemm_signature(t):
+    # (trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc): pointers passed as uintp
+    return types.void(_I32, _I32, _I32, _I32, _I32, t, types.uintp, _I32, types.uintp, _I32, t, types.uintp, _I32)
+
+
+_sgemm_rm = types.ExternalFunction("fastdl_sgemm_rm", _gemm_signature(types.float32))
+_dgemm_rm = types.ExternalFunction("fastdl_dgemm_rm", _gemm_signature(types.float64))
+
+
+def _numpy_gemm_standins() -> tuple[int, int]:
+    """C-callable row-major GEMMs written with np.dot, for when fastdl._kernels is not built.
+
+    Slow (they allocate), but they keep the Numba backend usable on its own.
+    """
+    from numba import carray, cfunc
+
+    def make(nbt):
+        @cfunc(types.void(_I32, _I32, _I32, _I32, _I32, nbt, types.CPointer(nbt), _I32, types.CPointer(nbt), _I32,
+                          nbt, types.CPointer(nbt), _I32))
+        def gemm(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc):
+            if M <= 0 or N <= 0:
+                return
+            c = carray(C, (M, ldc))[:, :N]
+            if K <= 0:
+                if beta == 0:
+                    c[:, :] = 0
+                return
+            a = carray(A, (K, lda))[:, :M].T if ta else carray(A, (M, lda))[:, :K]
+            b = carray(B, (N, ldb))[:, :K].T if tb else carray(B, (K, ldb))[:, :N]
+            prod = np.dot(np.ascontiguousarray(a), np.ascontiguousarray(b))
+            for i in range(M):
+                for j in range(N):
+                    c[i, j] = alpha * prod[i, j] + (beta * c[i, j] if beta != 0 else 0)
+        return gemm
+
+    _standins[:] = [make(types.float32), make(types.float64)]
+    return _standins[0].address, _standins[1].address
+
+
+_standins: list = []
+
+
+def _register_gemm() -> None:
+    try:
+        from .blas import rowmajor_addresses
+
+        s, d = rowmajor_addresses()
+    except ImportError:
+        s, d = _numpy_gemm_standins()
+    llvmlite.binding.add_symbol("fastdl_sgemm_rm", s)
+    llvmlite.binding.add_symbol("fastdl_dgemm_rm", d)
+
+
+_register_gemm()
+
+
+@_jit
+def _gemm_rm(A, trans_a, B, trans_b, C, beta):
+    """``C = op(A) @ op(B) + beta * C`` on C-contiguous 2-D arrays (op(X) = X.T when trans_x)."""
+    M, N = C.shape
+    K = A.shape[0] if trans_a else A.shape[1]
+    if C.itemsize == 4:
+        _sgemm_rm(_I32(trans_a), _I32(trans_b), _I32(M), _I32(N), _I32(K), np.float32(1.0), A.ctypes.data,
+                  _I32(A.shape[1]), B.ctypes.data, _I32(B.shape[1]), np.float32(beta), C.ctypes.data, _I32(N))
+    else:
+        _dgemm_rm(_I32(trans_a), _I32(trans_b), _I32(M), _I32(N), _I32(K), 1.0, A.ctypes.data,
+                  _I32(A.shape[1]), B.ctypes.data, _I32(B.shape[1]), np.float64(beta), C.ctypes.data, _I32(N))
+
+
 # =========================================================================== dense
 
 
 @_jit
 def _dense_forward_serial(A_prev, W, b, act, out):
-    np.dot(A_prev, W, out)
+    _gemm_rm(A_prev, False, W, False, out, 0.0)
     _bias_act_rows(out, b, act, 0, out.shape[0])
 
 
 @_jit
 def _gemm(A, B, out):
-    np.dot(A, B, out)
+    _gemm_rm(A, False, B, False, out, 0.0)
 
 
 def dense_forward(A_prev, W, b, act: int, out) -> None:
@@ -687,16 +764,18 @@ def _dense_backward_impl(A_prev, W, out, dout, act, l2_over_m, dZ, dW, db, dA_pr
                 acc[j] += dzr[j]
         for j in range(n):
             db[j] = acc[j]
-    np.dot(A_prev.T, dZ, dW)
-    if l2_over_m != 0.0:
+    if l2_over_m != 0.0:  # dW = l2/m * W, then the GEMM accumulates onto it (beta = 1): no extra pass
         lam = dW.dtype.type(l2_over_m)
         for i in range(dW.shape[0]):
             dwr = dW[i]
             wr = W[i]
             for j in range(dwr.shape[0]):
-                dwr[j] += lam * wr[j]
+                dwr[j] = lam * wr[j]
+        _gemm_rm(A_prev, True, dZ, False, dW, 1.0)
+    else:
+        _gemm_rm(A_prev, True, dZ, False, dW, 0.0)
     if dA_prev.size != 0:
-        np.dot(dZ, W.T, dA_prev)
+        _gemm_rm(dZ, False, W, True, dA_prev, 0.0)
 
 
 def dense_backward(A_prev, W, out, dout, act: int, l2_over_m: float, dZ, dW, db, dA_prev) -> None:
