@@ -39,10 +39,12 @@ How it is built
   region. Bias and activation (forward) and activation derivative and
   ``db`` (backward) are fused into one pass.
 * Reductions (losses, ``sum_squares``, BatchNorm statistics, ``db``) are
-  accumulated in float64. BatchNorm statistics: per tile of rows the tile
-  mean, then the centred sum of squares re-read from cache, on data shifted
-  by the first row; tiles and row partitions are merged with Chan's formula.
-  One read of ``Z`` from memory, as accurate as the two-pass formula.
+  accumulated in float64. BatchNorm statistics: on data shifted by the
+  first row, the shifted sums and sums of squares of 8 rows at a time kept in
+  registers, per 64-row tile; tiles and row partitions are merged with
+  Chan's formula. One read of ``Z``, as accurate as the two-pass formula.
+  The BatchNorm output and ``dZ`` passes run in the array's dtype with
+  per-feature coefficients computed in float64.
 * Scalars (``lr``, ``eps``, ...) are cast to the array dtype inside the
   kernels (``x.dtype.type(...)``), so float32 kernels stay in float32.
 * Dropout: the contract's counter-based splitmix64 generator in explicit
@@ -844,49 +846,112 @@ def activation_backward(out, dout, act: int, dZ) -> None:
 
 
 # =========================================================================== batchnorm
+#
+# Statistics: float64, on data shifted by its first row K (robust to a large
+# common offset). Rows are swept 8 at a time: the shifted sum and sum of
+# squares of those 8 rows are formed in registers and added to per-feature
+# accumulators once per sweep (instead of a load and a store of every
+# accumulator per row, which bounded the old kernels). Each tile of
+# _BN_TILE_ROWS rows gives a mean and M2 = q - s*s/nb; tiles, then the P row
+# parts (shape-only), are merged in order with Chan's formula, so serial and
+# parallel variants give the same bits. Shifting by a row of the data bounds
+# the cancellation in q - s*s/nb: sum((z - K)^2) <= (m + 1) * M2, i.e. at most
+# log2(m + 1) bits of the float64 result, far below float32 resolution and
+# the float64 tests' 1e-12.
+# Backward sums: float64 sum(dy) and sum(dy * (z - mean)) (z - mean is exact
+# in float64, the product rounded once), scaled by inv_std once per feature;
+# same 8-row sweeps.
+# The element-wise passes (out, dZ) run in the array dtype: 8 float32 lanes
+# per AVX2 vector and no conversions, where the float64 versions took about
+# twice as long. Their per-feature coefficients are computed in float64 and
+# rounded once, and the mean is subtracted as the float32 ``mean`` plus a
+# correction folded into the constant term, so a large common offset cancels
+# exactly (Sterbenz) instead of being rounded: out and dZ are within about 2
+# float32 ulp of the magnitude of their terms (measured; 0.5 ulp of the result
+# before), whatever the offset.
+# Column blocking (statistics and output of a block of columns while it is in
+# L2) was tried and lost everywhere: with the rows of a block 2^k bytes apart
+# it maps onto a few L2 sets, and short row segments defeat the prefetchers.
+
+_BN_TILE_ROWS = 64      # rows per Chan tile (the merge costs ~10 flops per feature per tile)
+
+
+def _as_dtype_of(buf, like):
+    """``buf`` (float64 scratch) reinterpreted as an array of ``like``'s dtype (njit only, below)."""
+    return buf.view(like.dtype)
+
+
+@overload(_as_dtype_of)
+def _ov_as_dtype_of(buf, like):
+    dt = np.dtype(str(like.dtype))
+
+    def impl(buf, like):
+        return buf.view(dt)
+    return impl
 
 
 @_jit
-def _bn_stats_part(Z, K, r0, r1, tile_rows, pmean, pm2, tmean, tm2):
-    """Mean and centred sum of squares of rows [r0, r1) of ``Z - K`` into pmean, pm2.
+def _bn_tile_sums(Z, K, r0, r1, s, q):
+    """s = sum(Z - K), q = sum((Z - K)^2) over rows [r0, r1), float64."""
+    n = Z.shape[1]
+    for j in range(n):
+        s[j] = 0.0
+        q[j] = 0.0
+    i = r0
+    while i + 8 <= r1:
+        z0 = Z[i]
+        z1 = Z[i + 1]
+        z2 = Z[i + 2]
+        z3 = Z[i + 3]
+        z4 = Z[i + 4]
+        z5 = Z[i + 5]
+        z6 = Z[i + 6]
+        z7 = Z[i + 7]
+        for j in range(n):
+            k = K[j]
+            d0 = z0[j] - k
+            d1 = z1[j] - k
+            d2 = z2[j] - k
+            d3 = z3[j] - k
+            d4 = z4[j] - k
+            d5 = z5[j] - k
+            d6 = z6[j] - k
+            d7 = z7[j] - k
+            s[j] += ((d0 + d1) + (d2 + d3)) + ((d4 + d5) + (d6 + d7))
+            q[j] += ((d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)) + ((d4 * d4 + d5 * d5) + (d6 * d6 + d7 * d7))
+        i += 8
+    while i < r1:
+        z0 = Z[i]
+        for j in range(n):
+            d0 = z0[j] - K[j]
+            s[j] += d0
+            q[j] += d0 * d0
+        i += 1
 
-    float64 throughout. ``K`` (the first row of Z) is a per-feature shift: it
-    keeps the tile means small, so merging is accurate even for features whose
-    mean is large compared with their spread. Tiles of ``tile_rows`` rows:
-    tile mean, then the tile's centred sum of squares (re-read from cache),
-    merged into the running result with Chan's formula.
-    """
+
+@_jit
+def _bn_stats_part(Z, K, r0, r1, pmean, pm2, s, q):
+    """Shifted mean and M2 of rows [r0, r1) into pmean, pm2: Chan-merged tiles of _BN_TILE_ROWS rows."""
     n = Z.shape[1]
     cnt = 0
-    for t0 in range(r0, r1, tile_rows):
-        t1 = min(t0 + tile_rows, r1)
+    for t0 in range(r0, r1, _BN_TILE_ROWS):
+        t1 = min(t0 + _BN_TILE_ROWS, r1)
         nb = t1 - t0
-        for j in range(n):
-            tmean[j] = 0.0
-            tm2[j] = 0.0
-        for i in range(t0, t1):
-            zr = Z[i]
-            for j in range(n):
-                tmean[j] += zr[j] - K[j]
-        for j in range(n):
-            tmean[j] /= nb
-        for i in range(t0, t1):
-            zr = Z[i]
-            for j in range(n):
-                d = (zr[j] - K[j]) - tmean[j]
-                tm2[j] += d * d
+        _bn_tile_sums(Z, K, t0, t1, s, q)
         if cnt == 0:
             for j in range(n):
-                pmean[j] = tmean[j]
-                pm2[j] = tm2[j]
+                mb = s[j] / nb
+                pmean[j] = mb
+                pm2[j] = q[j] - s[j] * mb
         else:
             tot = cnt + nb
             wa = cnt * nb / tot
             fb = nb / tot
             for j in range(n):
-                delta = tmean[j] - pmean[j]
+                mb = s[j] / nb
+                delta = mb - pmean[j]
                 pmean[j] += delta * fb
-                pm2[j] += tm2[j] + delta * delta * wa
+                pm2[j] += (q[j] - s[j] * mb) + delta * delta * wa
         cnt += nb
 
 
@@ -911,49 +976,82 @@ def _bn_merge(pmean, pm2, K, m, mu, var):
             var[j] += pm2r[j] + delta * delta * wa
         cnt = tot
     for j in range(n):
-        var[j] /= cnt
+        # max(): the rounding of q - s*s/nb can leave a tiny negative M2 on a constant feature
+        var[j] = max(var[j] / cnt, 0.0)
         mu[j] += K[j]
 
 
 @_jit
-def _bn_finish_stats(gamma, eps, momentum, running_mean, running_var, mean, inv_std, mu, var, inv64, g64):
-    """Write mean, inv_std and the running statistics; fill inv64, g64 for the output pass."""
+def _bn_finish_stats(gamma, beta, eps, momentum, running_mean, running_var, mean, inv_std, mu, var, a, c):
+    """Write mean, inv_std and the running statistics; the output pass's coefficients a, c.
+
+    Several short loops over few arrays each, so that every one vectorises
+    (the sqrt and the division included). Overwrites var with float64 inv_std.
+    """
     n = mu.shape[0]
     mom = running_mean.dtype.type(momentum)
     omm = 1.0 - momentum
     for j in range(n):
-        inv = 1.0 / np.sqrt(var[j] + eps)
-        mean[j] = mu[j]
-        inv_std[j] = inv
-        inv64[j] = inv
-        g64[j] = gamma[j]
         # reference: momentum * running (array dtype) + (1 - momentum) * batch (float64)
         running_mean[j] = np.float64(mom * running_mean[j]) + omm * mu[j]
         running_var[j] = np.float64(mom * running_var[j]) + omm * var[j]
+    for j in range(n):
+        var[j] = 1.0 / np.sqrt(var[j] + eps)
+    for j in range(n):
+        mean[j] = mu[j]
+        inv_std[j] = var[j]
+    for j in range(n):
+        # out = (z - mean) * a + c with mean the rounded mu: c = beta - (mu - mean) * a
+        a64 = np.float64(gamma[j]) * var[j]
+        a[j] = a64
+        c[j] = beta[j] - (mu[j] - np.float64(mean[j])) * a64
 
 
 @_jit
-def _bn_out_rows(Z, beta, mu, inv, g, out, r0, r1):
+def _bn_out_rows(Z, mean, a, c, out, r0, r1):
+    """out = (Z - mean) * a + c on rows [r0, r1), in the array dtype; 4 rows per sweep."""
     n = Z.shape[1]
-    for i in range(r0, r1):
-        zr = Z[i]
-        orow = out[i]
+    i = r0
+    while i + 4 <= r1:
+        z0 = Z[i]
+        z1 = Z[i + 1]
+        z2 = Z[i + 2]
+        z3 = Z[i + 3]
+        o0 = out[i]
+        o1 = out[i + 1]
+        o2 = out[i + 2]
+        o3 = out[i + 3]
         for j in range(n):
-            orow[j] = g[j] * ((zr[j] - mu[j]) * inv[j]) + beta[j]
-
-
-def _tile_rows(n: int, itemsize: int) -> int:
-    return max(1, _TILE_BYTES // max(1, n * itemsize))
+            # all loads before the stores: with a row stride that is a multiple of 2 KiB, a store
+            # to out row i followed by a load from Z row i+2 at the same column stalls (4K aliasing)
+            x0 = z0[j]
+            x1 = z1[j]
+            x2 = z2[j]
+            x3 = z3[j]
+            h = mean[j]
+            g = a[j]
+            b = c[j]
+            o0[j] = (x0 - h) * g + b
+            o1[j] = (x1 - h) * g + b
+            o2[j] = (x2 - h) * g + b
+            o3[j] = (x3 - h) * g + b
+        i += 4
+    while i < r1:
+        z0 = Z[i]
+        o0 = out[i]
+        for j in range(n):
+            o0[j] = (z0[j] - mean[j]) * a[j] + c[j]
+        i += 1
 
 
 def bn_train_scratch_size(n: int, P: int) -> int:
     """float64 scratch elements of the BatchNorm training forward (serial or parallel)."""
-    return n * (7 + 4 * P)
+    return n * (5 + 4 * P)
 
 
 def bn_backward_scratch_size(n: int, P: int) -> int:
     """float64 scratch elements of the BatchNorm backward."""
-    return n * (5 + 2 * P)
+    return n * (3 + 2 * P)
 
 
 _scratch_local = threading.local()
@@ -970,23 +1068,19 @@ def _scratch(size: int) -> np.ndarray:
 
 
 @_jit
-def _bn_train_views(scratch, n, P):
-    """The BatchNorm forward's float64 work arrays, carved from ``scratch`` (bn_train_scratch_size)."""
+def _bn_train_views(scratch, Z, P):
+    """The forward's work arrays, carved from ``scratch`` (bn_train_scratch_size): K, per-part
+    mean and M2, per-part tile sums, mu, var (float64), and a, c in Z's dtype."""
+    n = Z.shape[1]
     K = scratch[:n]
     pmean = scratch[n:n + P * n].reshape((P, n))
     pm2 = scratch[n + P * n:n + 2 * P * n].reshape((P, n))
-    r = scratch[n + 2 * P * n:]
-    tmp = r[6 * n:6 * n + 2 * P * n].reshape((P, 2, n))  # per-part tile sums (parallel variant)
-    return K, pmean, pm2, r[:n], r[n:2 * n], r[2 * n:3 * n], r[3 * n:4 * n], r[4 * n:5 * n], r[5 * n:6 * n], tmp
-
-
-@_jit
-def _bn_bwd_views(scratch, n, P):
-    """The BatchNorm backward's float64 work arrays, carved from ``scratch`` (bn_backward_scratch_size)."""
-    pdg = scratch[2 * n:2 * n + P * n].reshape((P, n))
-    pdb = scratch[2 * n + P * n:2 * n + 2 * P * n].reshape((P, n))
-    r = scratch[2 * n + 2 * P * n:]
-    return scratch[:n], scratch[n:2 * n], pdg, pdb, r[:n], r[n:2 * n], r[2 * n:3 * n]
+    ts = scratch[n + 2 * P * n:n + 3 * P * n].reshape((P, n))
+    tq = scratch[n + 3 * P * n:n + 4 * P * n].reshape((P, n))
+    r = scratch[n + 4 * P * n:]
+    a = _as_dtype_of(r[2 * n:3 * n], Z)[:n]
+    c = _as_dtype_of(r[3 * n:4 * n], Z)[:n]
+    return K, pmean, pm2, ts, tq, r[:n], r[n:2 * n], a, c
 
 
 @_jit
@@ -1000,47 +1094,46 @@ def _bn_shift(Z, K):
 @_jit
 def _bn_train_serial(Z, gamma, beta, eps, momentum, running_mean, running_var, mean, inv_std, out,
                      P, tile_rows, scratch):
-    m, n = Z.shape
-    K, pmean, pm2, tmean, tm2, mu, var, inv64, g64, tmp = _bn_train_views(scratch, n, P)
+    # tile_rows is not used any more (tiles are _BN_TILE_ROWS rows); kept for the callers
+    m = Z.shape[0]
+    K, pmean, pm2, ts, tq, mu, var, a, c = _bn_train_views(scratch, Z, P)
     _bn_shift(Z, K)
     for p in range(P):
-        _bn_stats_part(Z, K, _part_lo(m, P, p), _part_lo(m, P, p + 1), tile_rows, pmean[p], pm2[p], tmean, tm2)
+        _bn_stats_part(Z, K, _part_lo(m, P, p), _part_lo(m, P, p + 1), pmean[p], pm2[p], ts[0], tq[0])
     _bn_merge(pmean, pm2, K, m, mu, var)
-    _bn_finish_stats(gamma, eps, momentum, running_mean, running_var, mean, inv_std, mu, var, inv64, g64)
-    _bn_out_rows(Z, beta, mu, inv64, g64, out, 0, m)
+    _bn_finish_stats(gamma, beta, eps, momentum, running_mean, running_var, mean, inv_std, mu, var, a, c)
+    _bn_out_rows(Z, mean, a, c, out, 0, m)
 
 
 @_pjit
 def _bn_train_par(Z, gamma, beta, eps, momentum, running_mean, running_var, mean, inv_std, out,
                   P, tile_rows, rows_per_chunk, scratch):
-    m, n = Z.shape
-    K, pmean, pm2, tmean, tm2, mu, var, inv64, g64, tmp = _bn_train_views(scratch, n, P)
+    m = Z.shape[0]
+    K, pmean, pm2, ts, tq, mu, var, a, c = _bn_train_views(scratch, Z, P)
     _bn_shift(Z, K)
     for p in prange(P):
-        _bn_stats_part(Z, K, _part_lo(m, P, p), _part_lo(m, P, p + 1), tile_rows, pmean[p], pm2[p],
-                       tmp[p, 0], tmp[p, 1])
+        _bn_stats_part(Z, K, _part_lo(m, P, p), _part_lo(m, P, p + 1), pmean[p], pm2[p], ts[p], tq[p])
     _bn_merge(pmean, pm2, K, m, mu, var)
-    _bn_finish_stats(gamma, eps, momentum, running_mean, running_var, mean, inv_std, mu, var, inv64, g64)
+    _bn_finish_stats(gamma, beta, eps, momentum, running_mean, running_var, mean, inv_std, mu, var, a, c)
     nch = (m + rows_per_chunk - 1) // rows_per_chunk
-    for c in prange(nch):
-        r0 = c * rows_per_chunk
-        _bn_out_rows(Z, beta, mu, inv64, g64, out, r0, min(m, r0 + rows_per_chunk))
+    for ch in prange(nch):
+        r0 = ch * rows_per_chunk
+        _bn_out_rows(Z, mean, a, c, out, r0, min(m, r0 + rows_per_chunk))
 
 
 def batchnorm_forward_train(Z, gamma, beta, eps: float, momentum: float,
                             running_mean, running_var, mean, inv_std, out) -> None:
-    """Batch statistics (float64, tiled + Chan merge), running update, normalised output."""
+    """Batch statistics (float64, shifted, Chan-merged tiles), running update, normalised output."""
     m, n = Z.shape
     if m == 0:
         raise ValueError("batchnorm_forward_train: empty batch (Z has 0 rows); batch statistics are undefined")
     P = _parts(m)
-    tile_rows = _tile_rows(n, Z.itemsize)
     if Z.size >= _THR["batchnorm"]:
         _bn_train_par(Z, gamma, beta, float(eps), float(momentum), running_mean, running_var, mean, inv_std,
-                      out, P, tile_rows, _rows_per_chunk(m, n), _scratch(bn_train_scratch_size(n, P)))
+                      out, P, 0, _rows_per_chunk(m, n), _scratch(bn_train_scratch_size(n, P)))
     else:
         _bn_train_serial(Z, gamma, beta, float(eps), float(momentum), running_mean, running_var, mean,
-                         inv_std, out, P, tile_rows, _scratch(bn_train_scratch_size(n, P)))
+                         inv_std, out, P, 0, _scratch(bn_train_scratch_size(n, P)))
 
 
 @_jit
@@ -1089,28 +1182,61 @@ def batchnorm_forward_infer(Z, gamma, beta, running_mean, running_var, eps: floa
 
 
 @_jit
-def _bn_bwd_part(Z, mean64, inv64, dout, r0, r1, pdg, pdb):
+def _bn_bwd_part(Z, mean, dout, r0, r1, pdg, pdb):
+    """pdb = sum(dy), pdg = sum(dy * (z - mean)) over rows [r0, r1), float64; 8 rows per sweep."""
     n = Z.shape[1]
     for j in range(n):
         pdg[j] = 0.0
         pdb[j] = 0.0
-    for i in range(r0, r1):
-        zr = Z[i]
-        dr = dout[i]
+    i = r0
+    while i + 8 <= r1:
+        z0 = Z[i]
+        z1 = Z[i + 1]
+        z2 = Z[i + 2]
+        z3 = Z[i + 3]
+        z4 = Z[i + 4]
+        z5 = Z[i + 5]
+        z6 = Z[i + 6]
+        z7 = Z[i + 7]
+        e0 = dout[i]
+        e1 = dout[i + 1]
+        e2 = dout[i + 2]
+        e3 = dout[i + 3]
+        e4 = dout[i + 4]
+        e5 = dout[i + 5]
+        e6 = dout[i + 6]
+        e7 = dout[i + 7]
         for j in range(n):
-            dy = np.float64(dr[j])
-            xh = (zr[j] - mean64[j]) * inv64[j]
-            pdb[j] += dy
-            pdg[j] += dy * xh
+            u = np.float64(mean[j])
+            y0 = np.float64(e0[j])
+            y1 = np.float64(e1[j])
+            y2 = np.float64(e2[j])
+            y3 = np.float64(e3[j])
+            y4 = np.float64(e4[j])
+            y5 = np.float64(e5[j])
+            y6 = np.float64(e6[j])
+            y7 = np.float64(e7[j])
+            pdb[j] += ((y0 + y1) + (y2 + y3)) + ((y4 + y5) + (y6 + y7))
+            pdg[j] += (((y0 * (z0[j] - u) + y1 * (z1[j] - u)) + (y2 * (z2[j] - u) + y3 * (z3[j] - u)))
+                       + ((y4 * (z4[j] - u) + y5 * (z5[j] - u)) + (y6 * (z6[j] - u) + y7 * (z7[j] - u))))
+        i += 8
+    while i < r1:
+        z0 = Z[i]
+        e0 = dout[i]
+        for j in range(n):
+            y0 = np.float64(e0[j])
+            pdb[j] += y0
+            pdg[j] += y0 * (z0[j] - np.float64(mean[j]))
+        i += 1
 
 
 @_jit
-def _bn_bwd_merge(pdg, pdb, gamma, inv_std, m, dgamma, dbeta, dg, db, c):
+def _bn_bwd_merge(pdg, pdb, gamma, inv_std, m, dgamma, dbeta, A, B, C):
+    """Merge the part sums in part order (into part 0); dgamma, dbeta and the dZ coefficients.
+    Short loops over few arrays each, so that every one vectorises."""
     P, n = pdg.shape
-    mt = gamma.dtype.type(m)
-    for j in range(n):
-        dg[j] = pdg[0, j]
-        db[j] = pdb[0, j]
+    dg = pdg[0]
+    db = pdb[0]
     for p in range(1, P):
         pgr = pdg[p]
         pbr = pdb[p]
@@ -1118,58 +1244,98 @@ def _bn_bwd_merge(pdg, pdb, gamma, inv_std, m, dgamma, dbeta, dg, db, c):
             dg[j] += pgr[j]
             db[j] += pbr[j]
     for j in range(n):
+        dg[j] *= np.float64(inv_std[j])       # sum(dy * (z - mean)) * inv_std = sum(dy * x_hat)
+    for j in range(n):
         dgamma[j] = dg[j]
         dbeta[j] = db[j]
-        # reference: gamma * inv_std / m is evaluated in the array dtype
-        c[j] = (gamma[j] * inv_std[j]) / mt
-
-
-@_jit
-def _bn_bwd_rows(Z, mean64, inv64, dout, dZ, dg, db, c, r0, r1):
-    n = Z.shape[1]
-    mf = np.float64(Z.shape[0])
-    for i in range(r0, r1):
-        zr = Z[i]
-        dr = dout[i]
-        dzr = dZ[i]
-        for j in range(n):
-            dy = np.float64(dr[j])            # read before dZ (may alias dout) is written
-            xh = (zr[j] - mean64[j]) * inv64[j]
-            dzr[j] = c[j] * (mf * dy - db[j] - xh * dg[j])
-
-
-@_jit
-def _bn_bwd_prep(mean, inv_std, mean64, inv64):
-    n = mean.shape[0]
+    mt = gamma.dtype.type(m)
     for j in range(n):
-        mean64[j] = mean[j]
-        inv64[j] = inv_std[j]
-    return None
+        # reference: c = gamma * inv_std / m in the array dtype; dZ = c * (m*dy - dbeta - x_hat*dgamma)
+        cf = np.float64((gamma[j] * inv_std[j]) / mt)
+        A[j] = cf * m
+        B[j] = cf * dg[j] * np.float64(inv_std[j])
+        C[j] = cf * db[j]
+
+
+@_jit
+def _bn_bwd_rows(Z, mean, dout, dZ, A, B, C, r0, r1):
+    """dZ = A*dy - B*(z - mean) - C on rows [r0, r1), in the array dtype; 4 rows per sweep.
+    Each dout element is read before the dZ element (which may alias it) is written."""
+    n = Z.shape[1]
+    i = r0
+    while i + 4 <= r1:
+        z0 = Z[i]
+        z1 = Z[i + 1]
+        z2 = Z[i + 2]
+        z3 = Z[i + 3]
+        e0 = dout[i]
+        e1 = dout[i + 1]
+        e2 = dout[i + 2]
+        e3 = dout[i + 3]
+        o0 = dZ[i]
+        o1 = dZ[i + 1]
+        o2 = dZ[i + 2]
+        o3 = dZ[i + 3]
+        for j in range(n):
+            # all loads before the stores (4K aliasing, see _bn_out_rows)
+            x0 = z0[j] - mean[j]
+            x1 = z1[j] - mean[j]
+            x2 = z2[j] - mean[j]
+            x3 = z3[j] - mean[j]
+            y0 = e0[j]
+            y1 = e1[j]
+            y2 = e2[j]
+            y3 = e3[j]
+            a = A[j]
+            b = B[j]
+            c = C[j]
+            o0[j] = (a * y0 - b * x0) - c
+            o1[j] = (a * y1 - b * x1) - c
+            o2[j] = (a * y2 - b * x2) - c
+            o3[j] = (a * y3 - b * x3) - c
+        i += 4
+    while i < r1:
+        z0 = Z[i]
+        e0 = dout[i]
+        o0 = dZ[i]
+        for j in range(n):
+            o0[j] = (A[j] * e0[j] - B[j] * (z0[j] - mean[j])) - C[j]
+        i += 1
+
+
+@_jit
+def _bn_bwd_views(scratch, Z, P):
+    """The backward's work arrays, carved from ``scratch`` (bn_backward_scratch_size): per-part
+    sums (float64) and the dZ coefficients A, B, C in Z's dtype."""
+    n = Z.shape[1]
+    pdg = scratch[:P * n].reshape((P, n))
+    pdb = scratch[P * n:2 * P * n].reshape((P, n))
+    r = scratch[2 * P * n:]
+    return (pdg, pdb, _as_dtype_of(r[:n], Z)[:n], _as_dtype_of(r[n:2 * n], Z)[:n],
+            _as_dtype_of(r[2 * n:3 * n], Z)[:n])
 
 
 @_jit
 def _bn_bwd_serial(Z, gamma, mean, inv_std, dout, dZ, dgamma, dbeta, P, scratch):
-    m, n = Z.shape
-    mean64, inv64, pdg, pdb, dg, db, c = _bn_bwd_views(scratch, n, P)
-    _bn_bwd_prep(mean, inv_std, mean64, inv64)
+    m = Z.shape[0]
+    pdg, pdb, A, B, C = _bn_bwd_views(scratch, Z, P)
     for p in range(P):
-        _bn_bwd_part(Z, mean64, inv64, dout, _part_lo(m, P, p), _part_lo(m, P, p + 1), pdg[p], pdb[p])
-    _bn_bwd_merge(pdg, pdb, gamma, inv_std, m, dgamma, dbeta, dg, db, c)
-    _bn_bwd_rows(Z, mean64, inv64, dout, dZ, dg, db, c, 0, m)
+        _bn_bwd_part(Z, mean, dout, _part_lo(m, P, p), _part_lo(m, P, p + 1), pdg[p], pdb[p])
+    _bn_bwd_merge(pdg, pdb, gamma, inv_std, m, dgamma, dbeta, A, B, C)
+    _bn_bwd_rows(Z, mean, dout, dZ, A, B, C, 0, m)
 
 
 @_pjit
 def _bn_bwd_par(Z, gamma, mean, inv_std, dout, dZ, dgamma, dbeta, P, rows_per_chunk, scratch):
-    m, n = Z.shape
-    mean64, inv64, pdg, pdb, dg, db, c = _bn_bwd_views(scratch, n, P)
-    _bn_bwd_prep(mean, inv_std, mean64, inv64)
+    m = Z.shape[0]
+    pdg, pdb, A, B, C = _bn_bwd_views(scratch, Z, P)
     for p in prange(P):
-        _bn_bwd_part(Z, mean64, inv64, dout, _part_lo(m, P, p), _part_lo(m, P, p + 1), pdg[p], pdb[p])
-    _bn_bwd_merge(pdg, pdb, gamma, inv_std, m, dgamma, dbeta, dg, db, c)
+        _bn_bwd_part(Z, mean, dout, _part_lo(m, P, p), _part_lo(m, P, p + 1), pdg[p], pdb[p])
+    _bn_bwd_merge(pdg, pdb, gamma, inv_std, m, dgamma, dbeta, A, B, C)
     nch = (m + rows_per_chunk - 1) // rows_per_chunk
     for ch in prange(nch):
         r0 = ch * rows_per_chunk
-        _bn_bwd_rows(Z, mean64, inv64, dout, dZ, dg, db, c, r0, min(m, r0 + rows_per_chunk))
+        _bn_bwd_rows(Z, mean, dout, dZ, A, B, C, r0, min(m, r0 + rows_per_chunk))
 
 
 def batchnorm_backward(Z, gamma, mean, inv_std, dout, dZ, dgamma, dbeta) -> None:
