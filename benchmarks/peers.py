@@ -227,6 +227,10 @@ def thread_report() -> dict[str, Any]:
             out["numba_threading_layer"] = numba.threading_layer()
         except ValueError:  # no parallel region has run yet
             out["numba_threading_layer"] = None
+    if "fastdl.backends.blas" in sys.modules:
+        from fastdl.backends import blas
+
+        out["fastdl_blas"] = blas.info()
     out["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "")
     if hasattr(os, "sched_getaffinity"):
         out["cpu_affinity"] = sorted(os.sched_getaffinity(0))

@@ -115,6 +115,10 @@ def machine_section(data: dict) -> list[str]:
                      f"({p.get('prefix')}, {p.get('num_threads')} threads"
                      f"{', ' + p['architecture'] if p.get('architecture') else ''}) "
                      f"`{os.path.basename(p.get('filepath') or '')}`")
+    if thr.get("fastdl_blas"):
+        fb = thr["fastdl_blas"]
+        lines.append(f"  - fastdl's GEMMs (numba and cython): {fb.get('provider')} "
+                     f"`{os.path.basename(fb.get('library') or '')}` ({fb.get('why')})")
     if thr.get("torch_blas"):
         lines.append(f"  - PyTorch's own GEMMs: {thr['torch_blas']} (statically linked, not seen by threadpoolctl)")
     ci = data.get("commit_info", {})

@@ -138,3 +138,28 @@ def test_numpy_standins_compute_the_row_major_product() -> None:
         C = np.full((2, 3), np.nan, dt)   # K = 0: an empty sum, beta = 0 overwrites
         fn(0, 0, 2, 3, 0, 1.0, C.ctypes.data, 1, C.ctypes.data, 3, 0.0, C.ctypes.data, 3)
         assert (C == 0).all()
+
+
+@pytest.mark.skipif(not HAVE_MKL or not hasattr(os, "fork"), reason="needs MKL and fork()")
+def test_forked_child_runs_mkl_on_one_thread() -> None:
+    out = _run("""
+        import os
+        import numpy as np
+        import fastdl.backends as B
+        from fastdl.backends import blas
+        from threadpoolctl import threadpool_info
+        assert blas.select() == "mkl"
+        K = B.get_backend("cython")
+        A = np.ones((512, 512), np.float32); out = np.empty_like(A)
+        K.dense_forward(A, A, np.zeros(512, np.float32), 0, out)     # the parent runs MKL's threads
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            K.dense_forward(A, A, np.zeros(512, np.float32), 0, out)  # must not hang
+            n = [i["num_threads"] for i in threadpool_info() if i["internal_api"] == "mkl"]
+            os.write(w, f"{out[0, 0]:.0f} {n}".encode())
+            os._exit(0)
+        os.waitpid(pid, 0)
+        print("CHILD", os.read(r, 100).decode())
+    """, FASTDL_BLAS="mkl")
+    assert "CHILD 512 [1]" in out

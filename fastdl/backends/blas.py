@@ -100,6 +100,18 @@ def select(choice: str | None = None) -> str:
     return provider
 
 
+def _mkl_serial_after_fork() -> None:
+    # MKL's GNU threading layer is libgomp, which is not fork-safe: a fork()ed child whose
+    # parent ran a parallel region can hang in its next one. Children run MKL on one thread
+    # (like the Numba kernels, see numba_backend._serial_after_fork).
+    if _state.get("provider") == "mkl":
+        _state["mkl_lib"].MKL_Set_Num_Threads(1)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_mkl_serial_after_fork)
+
+
 def rowmajor_addresses() -> tuple[int, int]:
     """The addresses of the row-major ``sgemm_rm`` / ``dgemm_rm`` (after :func:`select`)."""
     from fastdl._kernels import _blas

@@ -70,8 +70,16 @@ import threading
 
 import numpy as np  # noqa: E402
 import llvmlite.binding  # noqa: E402
+import numba  # noqa: E402
 from llvmlite import ir  # noqa: E402
 from numba import njit, prange, types  # noqa: E402
+
+# Numba's own order is tbb, omp, workqueue; the tbb package comes with MKL
+# (fastdl[mkl]) and would then give prange a second thread pool beside the
+# libgomp one of the Cython kernels and MKL. OpenMP first keeps one runtime
+# (and the OMP_WAIT_POLICY above); an explicit user choice wins.
+if not {"NUMBA_THREADING_LAYER", "NUMBA_THREADING_LAYER_PRIORITY"} & set(os.environ):
+    numba.config.THREADING_LAYER_PRIORITY = ["omp", "tbb", "workqueue"]
 from numba.extending import intrinsic, overload  # noqa: E402
 
 from .contract import (  # noqa: E402
