@@ -18,6 +18,68 @@ for both at once.
 from libc.string cimport memset
 from scipy.linalg cimport cython_blas
 
+# MKL's JIT GEMM for small float32 products (MKL only): a kernel generated once
+# per (transposes, sizes, strides, beta) and kept in a small table. At the shapes
+# of a batch-32 MLP step it takes 0.3-0.5 us off each product (10-60%).
+cdef extern from *:
+    """
+    #include <string.h>
+    typedef void (*fdl_sjit_kernel_t)(void*, float*, float*, float*);
+    typedef int (*fdl_sjit_create_t)(void**, int, int, int, int, int, int, float, int, int, float, int);
+    typedef void* (*fdl_jit_get_t)(const void*);
+    #define FDL_JIT_SLOTS 256
+    #define FDL_JIT_PROBES 8
+    typedef struct { int ready; int key[8]; void* jitter; fdl_sjit_kernel_t kern; } fdl_jit_entry;
+    static fdl_jit_entry fdl_jit_table[FDL_JIT_SLOTS];
+    static fdl_sjit_create_t fdl_sjit_create = 0;
+    static fdl_jit_get_t fdl_jit_get = 0;
+    static int fdl_jit_lock = 0;
+
+    static void fdl_jit_set(size_t create, size_t get) {
+        fdl_sjit_create = (fdl_sjit_create_t)create;
+        fdl_jit_get = (fdl_jit_get_t)get;
+    }
+
+    /* The JIT kernel of this row-major product, made on first use (under a spin
+       lock: creation is rare); NULL: use the plain sgemm (no MKL, table full,
+       MKL refused). Entries are published with a release store of `ready`. */
+    static fdl_sjit_kernel_t fdl_sjit_lookup(int ta, int tb, int M, int N, int K, int lda, int ldb,
+                                             float beta, int ldc, void** jitter) {
+    #if defined(__GNUC__)
+        int key[8] = {ta, tb, M, N, K, lda, ldb, 2 * ldc + (beta != 0.0f)};
+        unsigned h = 2166136261u;
+        int i, probe;
+        if (!fdl_sjit_create || !fdl_jit_get || (beta != 0.0f && beta != 1.0f)) return 0;
+        for (i = 0; i < 8; i++) h = (h ^ (unsigned)key[i]) * 16777619u;
+        for (probe = 0; probe < FDL_JIT_PROBES; probe++) {
+            fdl_jit_entry* e = &fdl_jit_table[(h + (unsigned)probe) % FDL_JIT_SLOTS];
+            if (!__atomic_load_n(&e->ready, __ATOMIC_ACQUIRE)) {
+                while (__atomic_exchange_n(&fdl_jit_lock, 1, __ATOMIC_ACQUIRE)) { }
+                if (!e->ready) {
+                    void* j = 0;
+                    int st = fdl_sjit_create(&j, 101, ta ? 112 : 111, tb ? 112 : 111, M, N, K, 1.0f,
+                                             lda, ldb, beta, ldc);   /* 101 row-major, 111/112 (no)trans */
+                    memcpy(e->key, key, sizeof key);
+                    e->jitter = j;
+                    e->kern = (st != 2 && j) ? (fdl_sjit_kernel_t)fdl_jit_get(j) : 0;   /* 2: MKL_JIT_ERROR */
+                    __atomic_store_n(&e->ready, 1, __ATOMIC_RELEASE);
+                }
+                __atomic_store_n(&fdl_jit_lock, 0, __ATOMIC_RELEASE);
+            }
+            if (memcmp(e->key, key, sizeof key) == 0) {
+                *jitter = e->jitter;
+                return e->kern;
+            }
+        }
+    #endif
+        return 0;
+    }
+    """
+    ctypedef void (*fdl_sjit_kernel_t)(void*, float*, float*, float*) noexcept nogil
+    void fdl_jit_set(size_t create, size_t get) noexcept nogil
+    fdl_sjit_kernel_t fdl_sjit_lookup(int ta, int tb, int M, int N, int K, int lda, int ldb, float beta, int ldc,
+                                      void** jitter) noexcept nogil
+
 ctypedef void (*sgemm_f)(char*, char*, int*, int*, int*, float*, float*, int*, float*, int*, float*, float*,
                          int*) noexcept nogil
 ctypedef void (*dgemm_f)(char*, char*, int*, int*, int*, double*, double*, int*, double*, int*, double*, double*,
@@ -34,6 +96,7 @@ cdef set_threads_f _set_threads_local = NULL
 
 cdef enum:
     SERIAL_MNK = 1048576
+    JIT_MNK = 524288     # float32 products up to this many multiply-adds use MKL's JIT kernels
 
 
 cdef void sgemm_rm(int trans_a, int trans_b, int M, int N, int K, float alpha, const float* A, int lda,
@@ -49,6 +112,13 @@ cdef void sgemm_rm(int trans_a, int trans_b, int M, int N, int K, float alpha, c
                 memset(C + i * ldc, 0, N * sizeof(float))
         return
     cdef int prev
+    cdef void* jitter = NULL
+    cdef fdl_sjit_kernel_t kern
+    if _set_threads_local != NULL and <double>M * N * K <= JIT_MNK and alpha == 1:
+        kern = fdl_sjit_lookup(trans_a, trans_b, M, N, K, lda, ldb, beta, ldc, &jitter)
+        if kern != NULL:
+            kern(jitter, <float*>A, <float*>B, C)
+            return
     if _set_threads_local != NULL and <double>M * N * K <= SERIAL_MNK:
         prev = _set_threads_local(1)
         _sgemm(&tb, &ta, &N, &M, &K, &alpha, <float*>B, &ldb, <float*>A, &lda, &beta, C, &ldc)
@@ -83,11 +153,14 @@ def rowmajor_addresses() -> tuple:
     return <size_t>&sgemm_rm, <size_t>&dgemm_rm
 
 
-def set_fortran_gemm(size_t sgemm_address, size_t dgemm_address, size_t set_threads_local_address=0) -> None:
+def set_fortran_gemm(size_t sgemm_address, size_t dgemm_address, size_t set_threads_local_address=0,
+                     size_t sjit_create_address=0, size_t jit_get_address=0) -> None:
     """Route every GEMM to these Fortran-interface (LP64) ``sgemm_`` / ``dgemm_``; 0, 0 = SciPy's.
 
-    ``set_threads_local_address``: MKL's ``mkl_set_num_threads_local`` (small
-    products then run on the calling thread), or 0.
+    MKL only: ``set_threads_local_address`` is ``MKL_Set_Num_Threads_Local``
+    (small products then run on the calling thread); the last two are
+    ``mkl_cblas_jit_create_sgemm`` and ``mkl_jit_get_sgemm_ptr`` (JIT kernels
+    for small float32 products), or 0.
     """
     global _sgemm, _dgemm, _set_threads_local
     if (sgemm_address == 0) != (dgemm_address == 0):
@@ -96,7 +169,9 @@ def set_fortran_gemm(size_t sgemm_address, size_t dgemm_address, size_t set_thre
         _sgemm = cython_blas.sgemm
         _dgemm = cython_blas.dgemm
         _set_threads_local = NULL
+        fdl_jit_set(0, 0)
     else:
         _sgemm = <sgemm_f>sgemm_address
         _dgemm = <dgemm_f>dgemm_address
         _set_threads_local = <set_threads_f>set_threads_local_address
+        fdl_jit_set(sjit_create_address if set_threads_local_address else 0, jit_get_address)

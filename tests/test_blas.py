@@ -163,3 +163,30 @@ def test_forked_child_runs_mkl_on_one_thread() -> None:
         print("CHILD", os.read(r, 100).decode())
     """, FASTDL_BLAS="mkl")
     assert "CHILD 512 [1]" in out
+
+
+@pytest.mark.skipif(not HAVE_MKL, reason="the mkl package is not installed (pip install 'fastdl[mkl]')")
+def test_mkl_jit_kernels_for_many_small_shapes() -> None:
+    # 400 distinct small float32 products: each gets a JIT kernel until the 256-slot
+    # table is full, then the plain sgemm; every result must be right, and a repeated
+    # shape must give the same bits (the cached kernel)
+    out = _run("""
+        import numpy as np
+        import fastdl.backends as B
+        from fastdl.backends import blas
+        assert blas.select() == "mkl"
+        rng = np.random.default_rng(3)
+        for name in ("cython", "numba"):
+            K = B.get_backend(name)
+            for i in range(400):
+                m, k, n = 1 + i % 7, 2 + (i * 7) % 61, 1 + (i * 13) % 40
+                A = rng.standard_normal((m, k)).astype(np.float32)
+                W = rng.standard_normal((k, n)).astype(np.float32)
+                out1, out2 = np.empty((m, n), np.float32), np.empty((m, n), np.float32)
+                K.dense_forward(A, W, np.zeros(n, np.float32), 0, out1)
+                K.dense_forward(A, W, np.zeros(n, np.float32), 0, out2)
+                np.testing.assert_allclose(out1, A.astype(np.float64) @ W, rtol=1e-4, atol=1e-4)
+                assert np.array_equal(out1, out2)
+        print("JIT OK")
+    """, FASTDL_BLAS="mkl")
+    assert "JIT OK" in out

@@ -51,8 +51,10 @@ def _mkl_candidates() -> list[str]:
     return found
 
 
-def _load_mkl() -> tuple[int, int, int, str]:
-    """dlopen MKL (GNU threading, reproducible mode): sgemm_, dgemm_, MKL_Set_Num_Threads_Local, path.
+def _load_mkl() -> tuple[int, int, int, tuple[int, int], str]:
+    """dlopen MKL (GNU threading, reproducible mode).
+
+    Returns the addresses of sgemm_, dgemm_, MKL_Set_Num_Threads_Local, the JIT GEMM pair, and the path.
 
     (The lower-case mkl_set_num_threads_local exported by libmkl_rt is the Fortran entry, by reference.)
     """
@@ -69,8 +71,13 @@ def _load_mkl() -> tuple[int, int, int, str]:
         except (OSError, AttributeError) as e:
             errors.append(f"{path}: {e}")
             continue
+        try:  # JIT kernels for small float32 products (MKL >= 2019 u3)
+            jit = (ctypes.cast(lib.mkl_cblas_jit_create_sgemm, ctypes.c_void_p).value,
+                   ctypes.cast(lib.mkl_jit_get_sgemm_ptr, ctypes.c_void_p).value)
+        except AttributeError:
+            jit = (0, 0)
         _state["mkl_lib"] = lib   # keep it loaded
-        return s, d, t, path
+        return s, d, t, jit, path
     raise ImportError("MKL not found (pip install 'fastdl[mkl]')"
                       + (f"; tried: {'; '.join(errors)}" if errors else ""))
 
@@ -87,8 +94,8 @@ def select(choice: str | None = None) -> str:
     provider, path = "openblas", ""
     if choice in ("auto", "mkl"):
         try:
-            s, d, t, path = _load_mkl()
-            _blas.set_fortran_gemm(s, d, t)
+            s, d, t, jit, path = _load_mkl()
+            _blas.set_fortran_gemm(s, d, t, *jit)
             provider = "mkl"
         except ImportError as e:
             if choice == "mkl":
