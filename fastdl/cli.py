@@ -136,8 +136,11 @@ def train(args) -> int:
     t_fit = time.perf_counter() - t0
     results = {part: model.evaluate(Xp, yp) for part, Xp, yp in
                (("train", Xtr, ytr), ("dev", Xdv, ydv), ("test", Xte, yte))}
+    # the compiled backends' BLAS (fastdl.backends.blas), once one of them has been loaded
+    gemm = sys.modules["fastdl.backends.blas"].info()["provider"] if "fastdl.backends.blas" in sys.modules else None
     print(f"trained {len(history.epoch)} epochs in {t_fit:.2f} s "
           f"({len(ytr) * len(history.epoch) / t_fit:,.0f} examples/s, backend={args.backend}"
+          + (f", GEMMs on {gemm}" if gemm else "")
           + (f", {comm.size} ranks x batch {args.batch_size}" if comm is not None else "") + ")")
     for part, r in results.items():
         print(f"{part:>5}: error {r['error']:.4f}  accuracy {r['accuracy']:.4f}  loss {r['loss']:.4f}")

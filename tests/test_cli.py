@@ -173,6 +173,16 @@ def test_default_training_reaches_95_percent_test_accuracy(capsys):
     assert "trained 40 epochs" in out
 
 
+def test_train_says_which_blas_runs_the_gemms(capsys):
+    pytest.importorskip("fastdl.backends.cython_backend", reason="Cython extensions not built")
+    from fastdl.backends import blas
+
+    rc = main(["train", "--backend", "cython", "--epochs", "2", "--verbose", "0"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert f"backend=cython, GEMMs on {blas.info()['provider']})" in out, out
+
+
 def test_unavailable_backend_is_a_clean_error(monkeypatch, capsys):
     """A backend that cannot load here (e.g. no compiled extension) must not end in a traceback."""
     import fastdl.backends as fb
