@@ -48,6 +48,22 @@ def test_fused_equals_per_layer(dtype: str, opt: str, batch_size: int) -> None:
     assert a.step_count == b.step_count
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_fused_equals_per_layer_with_batchnorm_first(dtype: str) -> None:
+    # BatchNorm on the raw inputs: its dZ is not needed (the fused epoch writes it to a scratch area)
+    X, y = _data()
+    runs = []
+    for fused in (False, True):
+        model = fd.Sequential([fd.BatchNorm(10), fd.Dense(10, 12), fd.ReLU(), fd.Dense(12, 4)],
+                              dtype=dtype, backend="numba", seed=5)
+        h = model.fit(X, y, optimizer=fd.Adam(3e-3), epochs=2, batch_size=16, fused=fused)
+        runs.append((model, h))
+    (a, ha), (b, hb) = runs
+    np.testing.assert_array_equal(a.params, b.params)
+    np.testing.assert_array_equal(a.state, b.state)
+    assert ha.batch_cost == hb.batch_cost
+
+
 def test_fused_true_refuses_what_it_cannot_do() -> None:
     X, y = _data()
     mse = fd.Sequential([fd.Dense(10, 2)], loss="mse", backend="numba")

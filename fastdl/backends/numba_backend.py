@@ -2131,7 +2131,7 @@ def _backward(X, iprog, fprog, params, grads, ws, masks, m, dlogits, l2_over_m, 
             p0 = iprog[j, I_P0]
             mean = ws[iprog[j, I_MEAN]:iprog[j, I_MEAN] + nout]
             inv = ws[iprog[j, I_INV]:iprog[j, I_INV] + nout]
-            target = dx if need_dx else dout
+            target = dx if need_dx else _view2(ws, iprog[j, I_DX], m, nin)
             _bn_bwd_serial(x, params[p0:p0 + nout], mean, inv, dout, target, grads[p0:p0 + nout],
                            grads[p0 + nout:p0 + 2 * nout], _fz_parts(m), scratch)
         elif kind == OP_ACT:
@@ -2300,7 +2300,9 @@ class FusedEpoch:
                 mask_size += B * nout
             row[I_OUT] = ws_size
             ws_size += B * nout
-            if j > 0:
+            # a BatchNorm first op gets one too: its dZ is not needed, but written in place into
+            # dout it would take the kernel's slow (aliased, unvectorised) path
+            if j > 0 or isinstance(op, BatchNorm):
                 row[I_DX] = ws_size
                 ws_size += B * nin
             dim = nout
