@@ -190,3 +190,21 @@ def test_mkl_jit_kernels_for_many_small_shapes() -> None:
         print("JIT OK")
     """, FASTDL_BLAS="mkl")
     assert "JIT OK" in out
+
+
+def test_forcing_missing_mkl_makes_the_compiled_backends_unavailable_with_the_reason() -> None:
+    # FASTDL_BLAS=mkl is a promise: without MKL neither compiled backend silently runs something else
+    out = _run("""
+        from fastdl.backends import blas
+        blas._mkl_candidates = lambda: []
+        import fastdl.backends as B
+        for name in ("numba", "cython"):
+            try:
+                B.get_backend(name)
+            except B.BackendUnavailable as e:
+                assert "MKL not found" in str(e), e
+                print("UNAVAILABLE", name)
+        K = B.get_backend("auto")
+        assert set(K.sources.values()) == {"reference"}
+    """, FASTDL_BLAS="mkl")
+    assert "UNAVAILABLE numba" in out and "UNAVAILABLE cython" in out

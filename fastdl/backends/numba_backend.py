@@ -710,11 +710,13 @@ _standins: list = []
 
 def _register_gemm() -> None:
     try:
+        from fastdl._kernels import _blas  # noqa: F401
+    except ImportError:  # extensions not built
+        s, d = _numpy_gemm_standins()
+    else:
         from .blas import rowmajor_addresses
 
-        s, d = rowmajor_addresses()
-    except ImportError:
-        s, d = _numpy_gemm_standins()
+        s, d = rowmajor_addresses()   # FASTDL_BLAS=mkl without MKL: ImportError, the backend is unavailable
     llvmlite.binding.add_symbol("fastdl_sgemm_rm", s)
     llvmlite.binding.add_symbol("fastdl_dgemm_rm", d)
 
