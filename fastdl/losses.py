@@ -58,9 +58,9 @@ class SoftmaxCrossEntropy(Loss):
         return Z.argmax(axis=1)
 
     def count_errors(self, Z, y, pred, wrong):
-        np.argmax(Z, axis=1, out=pred)
+        Z.argmax(axis=1, out=pred)   # ndarray methods and ufuncs: no Python-level wrappers per step
         np.not_equal(pred, y, out=wrong)
-        return int(np.count_nonzero(wrong))
+        return int(wrong.sum())
 
 
 class BinaryCrossEntropy(Loss):
