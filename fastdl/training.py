@@ -247,7 +247,7 @@ def fit(model: "Sequential", X, y, *, optimizer: Optimizer | None = None, epochs
                 else:  # this rank's shard, then ONE all-reduce of model.grads
                     data_loss, l2_term, logits = dp.loss_and_grads(xb, yb, step=model.step_count, batch=i)
                 J = data_loss + l2_term
-                if not (math.isfinite(J) and math.isfinite(model.kernels.sum_squares(model.grads))):
+                if not (math.isfinite(J) and model.kernels.all_finite(model.grads)):
                     _diverged(model, snapshot, J, epoch, lr)
                 lr = schedule(optimizer.lr, epoch, optimizer.t + 1)
                 optimizer.step(model.params, model.grads, lr=lr)

@@ -220,6 +220,62 @@ def adam_step(params, grads, v, s, double lr, double beta1, double beta2, double
                   beta1, 1.0 - beta1, beta2, 1.0 - beta2, step, inv_bc2, eps)
 
 
+cdef extern from *:
+    """
+    #include <stdint.h>
+    /* 1 if some element is NaN or inf: all exponent bits set. Integer tests and an OR
+       reduction, so GCC vectorises them without any fast-math flag (FASTDL_TC: AVX-512 / AVX2
+       clones, see _kernel_common.pxd). */
+    static FASTDL_TC int fdl_any_nonfinite_f32(const float* x, Py_ssize_t n) {
+        const uint32_t* u = (const uint32_t*)x;
+        uint32_t bad = 0;
+        Py_ssize_t i;
+        for (i = 0; i < n; i++) bad |= (uint32_t)((u[i] & 0x7f800000u) == 0x7f800000u);
+        return bad != 0;
+    }
+    static FASTDL_TC int fdl_any_nonfinite_f64(const double* x, Py_ssize_t n) {
+        const uint64_t* u = (const uint64_t*)x;
+        uint64_t bad = 0;
+        Py_ssize_t i;
+        for (i = 0; i < n; i++) bad |= (uint64_t)((u[i] & 0x7ff0000000000000ull) == 0x7ff0000000000000ull);
+        return bad != 0;
+    }
+    """
+    int fdl_any_nonfinite_f32(const float* x, Py_ssize_t n) noexcept nogil
+    int fdl_any_nonfinite_f64(const double* x, Py_ssize_t n) noexcept nogil
+
+
+cdef int _any_nonfinite(const real* x, Py_ssize_t n) noexcept nogil:
+    # one contiguous part per thread above the streaming grain, like sum_squares
+    cdef int nt = nthreads(n, GRAIN_STREAM)
+    cdef Py_ssize_t per, k
+    cdef int bad = 0
+    if nt == 1:
+        return fdl_any_nonfinite_f32(<float*>x, n) if real is float else fdl_any_nonfinite_f64(<double*>x, n)
+    per = chunk_size(n, nt)
+    for k in prange(nt, num_threads=nt, schedule='static'):
+        if k * per < n:
+            if real is float:
+                bad |= fdl_any_nonfinite_f32(<float*>x + k * per, min(per, n - k * per))
+            else:
+                bad |= fdl_any_nonfinite_f64(<double*>x + k * per, min(per, n - k * per))
+    return bad
+
+
+def all_finite(x):
+    """True if no element of the 1-D array is NaN or infinite."""
+    cdef int t = rtype(x, 1)
+    cdef int bad
+    if not is_float(t):
+        return _ref.all_finite(x)
+    with nogil:
+        if t == cnp.NPY_FLOAT:
+            bad = _any_nonfinite(<float*>data(x), dim(x, 0))
+        else:
+            bad = _any_nonfinite(<double*>data(x), dim(x, 0))
+    return not bad
+
+
 def sum_squares(x):
     """``sum(x**2)`` accumulated in float64 (the L2 cost)."""
     cdef int t = rtype(x, 1)

@@ -641,6 +641,24 @@ def test_sum_squares_float32_accumulates_in_float64(bname):
     np.testing.assert_allclose(be.sum_squares(x), exact, rtol=1e-12)
 
 
+@backend_param
+@dtype_param
+@pytest.mark.parametrize("n", [0, 1, 3, 7, 8, 9, 17, 33, 65, 130, 1001, 65537, 300001])
+def test_all_finite(bname, dtype, n):
+    be = get_backend(bname)
+    x = randn(rng_for(15, n), (n,), dtype, scale=1e30 if dtype == np.float64 else 1e3)
+    assert be.all_finite(x) is True
+    rng = np.random.default_rng(n)
+    for bad in (np.nan, np.inf, -np.inf):
+        for pos in ({0, n - 1, n // 2, int(rng.integers(0, n))} if n else set()):
+            y = x.copy()
+            y[pos] = bad
+            assert be.all_finite(y) is False, (bad, pos)
+    # the largest finite value and subnormals are finite
+    z = np.array([np.finfo(dtype).max, -np.finfo(dtype).max, np.finfo(dtype).smallest_subnormal, 0.0], dtype)
+    assert be.all_finite(z) is True
+
+
 # --------------------------------------------------------------------------- numba: serial == parallel
 
 

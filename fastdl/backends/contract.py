@@ -74,6 +74,7 @@ Optimisers (one fused pass over flat 1-D arrays; ``t`` counts updates from 1)
   ``adam_step(params, grads, v, s, lr, beta1, beta2, eps, t) -> None``
 Reductions
   ``sum_squares(x 1-D) -> float``  (the L2 cost, accumulated in float64)
+  ``all_finite(x 1-D) -> bool``  (no NaN or inf: fit's per-step divergence check)
 
 The dropout generator (bit-for-bit identical in every backend)
 --------------------------------------------------------------
@@ -116,6 +117,7 @@ KERNELS: tuple[str, ...] = (
     "rmsprop_step",
     "adam_step",
     "sum_squares",
+    "all_finite",
 )
 
 MIX_C1 = 0xBF58476D1CE4E5B9

@@ -40,6 +40,7 @@ from fastdl._kernels._dense import (  # noqa: E402
 from fastdl.backends.contract import KERNELS  # noqa: E402
 from fastdl._kernels._dropout import dropout_backward, dropout_forward  # noqa: E402
 from fastdl._kernels._losses import mse, sigmoid_bce, softmax, softmax_cross_entropy  # noqa: E402
-from fastdl._kernels._optim import adam_step, momentum_step, rmsprop_step, sgd_step, sum_squares  # noqa: E402
+from fastdl._kernels._optim import (  # noqa: E402
+    adam_step, all_finite, momentum_step, rmsprop_step, sgd_step, sum_squares)
 
 __all__ = [*KERNELS, "build_info"]

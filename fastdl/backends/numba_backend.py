@@ -91,7 +91,7 @@ __all__ = [
     "batchnorm_forward_train", "batchnorm_forward_infer", "batchnorm_backward",
     "softmax_cross_entropy", "softmax", "sigmoid_bce", "mse",
     "dropout_forward", "dropout_backward",
-    "sgd_step", "momentum_step", "rmsprop_step", "adam_step", "sum_squares",
+    "sgd_step", "momentum_step", "rmsprop_step", "adam_step", "sum_squares", "all_finite",
     "warmup", "set_parallel", "PARALLEL_THRESHOLDS",
 ]
 
@@ -1880,6 +1880,11 @@ def sum_squares(x) -> float:
     return float(_ssq_serial(x))
 
 
+def all_finite(x) -> bool:
+    """True if no element of the 1-D array is NaN or infinite (one vectorised pass)."""
+    return bool(_all_finite(x.reshape(x.size)))
+
+
 # =========================================================================== warm-up
 
 
@@ -1942,6 +1947,7 @@ def _warmup_one(dt) -> None:
     rmsprop_step(p, gr, s, 0.1, 0.999, 1e-8)
     adam_step(p, gr, v, s, 0.1, 0.9, 0.999, 1e-8, 1)
     sum_squares(p)
+    all_finite(p)
     Zb = np.zeros((4, 1), dt)
     sigmoid_bce(Zb, np.zeros(4, dt), np.empty_like(Zb))
     sigmoid_bce(Zb, np.zeros(4, dt), np.empty((0, 0), dt))

@@ -209,3 +209,7 @@ def sum_squares(x) -> float:
     # Not np.dot: a threaded BLAS call on a small vector costs milliseconds on a busy machine.
     x64 = x.astype(np.float64)
     return float(np.sum(x64 * x64))
+
+
+def all_finite(x) -> bool:
+    return bool(np.isfinite(x).all())
