@@ -113,6 +113,17 @@ cy.batchnorm_forward_train(B, g, b, 1e-5, 0.9, rm, rv, mu, istd, o2)
 dg, db, dZ2 = np.empty(n, np.float32), np.empty(n, np.float32), np.empty_like(B)
 cy.batchnorm_backward(B, g, mu, istd, o2, dZ2, dg, db)
 out["bn"] = h(mu, istd, o2, rm, rv, dg, db, dZ2)
+# a wide layer: the old kernel's statistics tile height depended on each thread's columns
+n = 4100
+B = rng.standard_normal((512, n)).astype(np.float32); B[0] += 1e3
+g, b = np.ones(n, np.float32), np.zeros(n, np.float32)
+rm, rv, mu, istd, o2 = np.zeros(n, np.float32), np.ones(n, np.float32), np.empty(n, np.float32), np.empty(n, np.float32), np.empty_like(B)
+cy.batchnorm_forward_train(B, g, b, 1e-5, 0.9, rm, rv, mu, istd, o2)
+dg, db, dZ2 = np.empty(n, np.float32), np.empty(n, np.float32), np.empty_like(B)
+cy.batchnorm_backward(B, g, mu, istd, o2, dZ2, dg, db)
+out["bn_wide"] = h(mu, istd, o2, rm, rv, dg, db, dZ2)
+xf = rng.standard_normal(3_000_001).astype(np.float32); xf[2_999_000] = np.inf
+out["all_finite"] = [cy.all_finite(x), cy.all_finite(xf)]
 p = rng.standard_normal(1 << 20).astype(np.float32); gr = rng.standard_normal(1 << 20).astype(np.float32)
 v, s = np.zeros_like(p), np.zeros_like(p)
 for step in (1, 2, 3):
