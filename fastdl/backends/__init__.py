@@ -18,7 +18,7 @@ import os
 # which the kernels' size thresholds absorb. Set here, before any backend can load libgomp;
 # an explicit user setting wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 from typing import Callable
 
 from . import reference
@@ -49,6 +49,8 @@ class Backend:
         self.sources = dict(sources)
         for k, fn in kernels.items():
             setattr(self, k, fn)
+        #: the same kernels without argument checks: for executors, which build their own buffers
+        self.unchecked = SimpleNamespace(**kernels)
 
     def __repr__(self) -> str:
         return f"Backend({self.name!r})"
