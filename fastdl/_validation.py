@@ -80,6 +80,14 @@ def as_float_matrix(X, dtype: np.dtype, n_features: int | None, name: str = "X")
     return out
 
 
+def _label_type_message(name: str, arr: np.ndarray, want: str) -> str:
+    """The error for string / object labels, naming the ways out (a newcomer's first trap)."""
+    sample = ", ".join(repr(v) for v in arr.reshape(-1)[:3].tolist())
+    return (f"{name} must hold {want}, got dtype {arr.dtype} (e.g. {sample}). Encode the labels first: "
+            f"classes, {name}_ids = np.unique({name}, return_inverse=True) (classes[{name}_ids] maps back), "
+            f"or scikit-learn's LabelEncoder; fastdl.sklearn.MLPClassifier accepts any labels directly")
+
+
 def as_class_labels(y, m: int, n_classes: int, name: str = "y") -> np.ndarray:
     """Integer class ids in [0, n_classes) as int64, shape (m,).
 
@@ -99,7 +107,7 @@ def as_class_labels(y, m: int, n_classes: int, name: str = "y") -> np.ndarray:
     if arr.shape[0] != m:
         raise ValueError(f"{name} has {arr.shape[0]} labels but X has {m} examples")
     if arr.dtype == object or arr.dtype.kind not in "biuf":
-        raise TypeError(f"{name} must hold integer class ids, got dtype {arr.dtype}")
+        raise TypeError(_label_type_message(name, arr, "integer class ids 0..n_classes-1"))
     if arr.dtype.kind == "f":
         if not np.isfinite(arr).all() or not np.all(arr == np.round(arr)):
             raise ValueError(f"{name} must hold whole-number class ids; got non-integer values")
@@ -123,7 +131,7 @@ def as_binary_labels(y, m: int, dtype: np.dtype, name: str = "y") -> np.ndarray:
     if arr.shape[0] != m:
         raise ValueError(f"{name} has {arr.shape[0]} labels but X has {m} examples")
     if arr.dtype == object or arr.dtype.kind not in "biuf":
-        raise TypeError(f"{name} must hold 0/1 labels, got dtype {arr.dtype}")
+        raise TypeError(_label_type_message(name, arr, "0/1 labels"))
     if not np.isin(arr, (0, 1)).all():
         raise ValueError(f"{name} must hold only 0 and 1 for binary cross-entropy; "
                          f"found values such as {arr[~np.isin(arr, (0, 1))][:3].tolist()}")

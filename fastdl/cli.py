@@ -97,7 +97,7 @@ def build_mlp(n_in: int, hidden: Sequence[int], n_out: int, *, activation: str =
             out.append(L.BatchNorm(h))
         out.append(act())
         if keep_prob < 1.0:
-            out.append(L.Dropout(keep_prob))
+            out.append(L.Dropout(keep_prob=keep_prob))
         d = h
     out.append(L.Dense(d, n_out, init="xavier" if activation != "relu" else "he"))
     return out

@@ -322,12 +322,29 @@ class Identity(Activation):
 class Dropout(Layer):
     """Inverted dropout: keep each unit with probability ``keep_prob``.
 
+    Give exactly one of ``keep_prob`` (the course's convention: the fraction
+    of units KEPT) or ``rate`` (Keras's and PyTorch's ``p``: the fraction
+    DROPPED, ``rate = 1 - keep_prob``). Both are keyword-only because
+    ``Dropout(0.2)`` means "drop 20%" to PyTorch/Keras users and "keep 20%"
+    in the course.
+
     Training: ``A * D / keep_prob`` with ``D`` drawn from a counter-based
     generator keyed by (model seed, step, layer index, element): the mask is
     the same on every backend and thread count. Inference: the identity.
     """
 
-    def __init__(self, keep_prob: float = 0.5):
+    def __init__(self, *args: Any, keep_prob: float | None = None, rate: float | None = None):
+        if args:
+            raise TypeError(
+                f"Dropout takes keyword arguments only, got Dropout({', '.join(map(repr, args))}): write "
+                f"Dropout(keep_prob=p) to KEEP each unit with probability p (the course's convention), or "
+                f"Dropout(rate=r) to DROP a fraction r (Keras's rate, PyTorch's p; rate = 1 - keep_prob)")
+        if (keep_prob is None) == (rate is None):
+            raise TypeError("Dropout needs exactly one of keep_prob= (fraction of units kept) or rate= "
+                            f"(fraction dropped, = 1 - keep_prob); got keep_prob={keep_prob!r}, rate={rate!r}")
+        if rate is not None:
+            rate = check_unit_interval("rate", rate, closed_right=False, open_left=False)
+            keep_prob = 1.0 - rate
         self.keep_prob = check_unit_interval("keep_prob", keep_prob)
         self.index = 0  # position in the model, set by the model (part of the mask key)
 

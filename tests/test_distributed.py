@@ -75,7 +75,7 @@ WORKER = textwrap.dedent('''
     def model(bn=False, keep_prob=1.0, seed=3):
         layers = [fd.Dense(64, 32, use_bias=not bn)] + ([fd.BatchNorm(32)] if bn else []) + [fd.ReLU()]
         if keep_prob < 1:
-            layers.append(fd.Dropout(keep_prob))
+            layers.append(fd.Dropout(keep_prob=keep_prob))
         layers.append(fd.Dense(32, 10))
         return fd.Sequential(layers, dtype="float64", backend="reference", seed=seed, l2=0.5)
 
@@ -260,7 +260,7 @@ def _digits(m=300):
 def _model(bn=False, keep_prob=1.0, l2=0.3, dtype="float64"):
     layers = [fd.Dense(64, 16, use_bias=not bn)] + ([fd.BatchNorm(16)] if bn else []) + [fd.ReLU()]
     if keep_prob < 1:
-        layers.append(fd.Dropout(keep_prob))
+        layers.append(fd.Dropout(keep_prob=keep_prob))
     return fd.Sequential(layers + [fd.Dense(16, 10)], dtype=dtype, backend="reference", seed=1, l2=l2)
 
 

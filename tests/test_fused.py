@@ -11,8 +11,8 @@ pytest.importorskip("numba")
 
 def _model(dtype: str = "float32", seed: int = 3, l2: float = 1e-3) -> fd.Sequential:
     return fd.Sequential([
-        fd.Dense(10, 17, use_bias=False), fd.BatchNorm(17), fd.ReLU(), fd.Dropout(0.7),
-        fd.Dense(17, 9), fd.Tanh(), fd.Dense(9, 8), fd.Sigmoid(), fd.Dropout(1.0), fd.Dense(8, 4),
+        fd.Dense(10, 17, use_bias=False), fd.BatchNorm(17), fd.ReLU(), fd.Dropout(keep_prob=0.7),
+        fd.Dense(17, 9), fd.Tanh(), fd.Dense(9, 8), fd.Sigmoid(), fd.Dropout(keep_prob=1.0), fd.Dense(8, 4),
     ], l2=l2, dtype=dtype, backend="numba", seed=seed)
 
 

@@ -32,7 +32,7 @@ def configs(draw, acts=ALL_ACTS):
             layers.append(fd.BatchNorm(h))
         layers.append(acts[draw(st.sampled_from(sorted(acts)))]())
         if draw(st.booleans()):
-            layers.append(fd.Dropout(draw(st.sampled_from([0.5, 0.8, 1.0]))))
+            layers.append(fd.Dropout(keep_prob=draw(st.sampled_from([0.5, 0.8, 1.0]))))
         d = h
     layers.append(fd.Dense(d, n_out))
     m = draw(st.integers(2, 6))

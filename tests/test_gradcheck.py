@@ -35,7 +35,7 @@ def data(m=6, n=4, k=3, seed=0, loss="softmax_cross_entropy"):
 
 def every_layer(n, k, keep_prob=0.5):
     return [
-        fd.Dense(n, 5, use_bias=False), fd.BatchNorm(5), fd.ReLU(), fd.Dropout(keep_prob),
+        fd.Dense(n, 5, use_bias=False), fd.BatchNorm(5), fd.ReLU(), fd.Dropout(keep_prob=keep_prob),
         fd.Dense(5, 4), fd.Tanh(),
         fd.Dense(4, 4, init="xavier"), fd.Sigmoid(),
         fd.Dense(4, 3, use_bias=False), fd.Identity(), fd.BatchNorm(3), fd.Tanh(),
@@ -94,7 +94,7 @@ def test_gradcheck_dropout_is_switched_off():
     """With dropout on the cost would change between the +eps and -eps evaluations (or the
     exact gradient would use a mask the finite differences do not): the check must still pass."""
     X, y = data(m=10, seed=6)
-    model = fd.Sequential([fd.Dense(4, 8), fd.ReLU(), fd.Dropout(0.3), fd.Dense(8, 3)], dtype="float64",
+    model = fd.Sequential([fd.Dense(4, 8), fd.ReLU(), fd.Dropout(keep_prob=0.3), fd.Dense(8, 3)], dtype="float64",
                           backend=B, seed=3)
     report = fd.gradcheck(model, X, y)
     assert report.difference < 1e-7, str(report)

@@ -29,7 +29,7 @@ def make_data(m=40, n=5, k=3, seed=0):
 
 def trained_model(dtype="float32", seed=0):
     X, y = make_data(seed=seed)
-    model = fd.Sequential([fd.Dense(5, 8, use_bias=False), fd.BatchNorm(8), fd.ReLU(), fd.Dropout(0.8),
+    model = fd.Sequential([fd.Dense(5, 8, use_bias=False), fd.BatchNorm(8), fd.ReLU(), fd.Dropout(keep_prob=0.8),
                            fd.Dense(8, 6), fd.Tanh(), fd.Dense(6, 3)],
                           l2=0.01, l2_scale="dataset", dtype=dtype, backend=B, seed=seed)
     opt = fd.Adam(0.01)

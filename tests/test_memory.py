@@ -23,7 +23,7 @@ COMPILED = [b for b in ("numba", "cython") if b in available_backends()]
 
 
 def _model(backend: str) -> fd.Sequential:
-    return fd.Sequential([fd.Dense(64, 256, use_bias=False), fd.BatchNorm(256), fd.ReLU(), fd.Dropout(0.8),
+    return fd.Sequential([fd.Dense(64, 256, use_bias=False), fd.BatchNorm(256), fd.ReLU(), fd.Dropout(keep_prob=0.8),
                           fd.Dense(256, 10)], l2=1e-4, backend=backend, seed=0)
 
 
@@ -61,7 +61,7 @@ LONG_RUN = textwrap.dedent("""
     backend = sys.argv[1]
     rng = np.random.default_rng(0)
     X = rng.standard_normal((4096, 64)).astype(np.float32); y = rng.integers(0, 10, 4096)
-    model = fd.Sequential([fd.Dense(64, 256, use_bias=False), fd.BatchNorm(256), fd.ReLU(), fd.Dropout(0.8),
+    model = fd.Sequential([fd.Dense(64, 256, use_bias=False), fd.BatchNorm(256), fd.ReLU(), fd.Dropout(keep_prob=0.8),
                            fd.Dense(256, 10)], l2=1e-4, backend=backend, seed=0)
     opt = fd.Adam()
     def rss_kib():

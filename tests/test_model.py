@@ -42,7 +42,7 @@ def mlp(n=5, h=8, k=3, *, bn=False, keep_prob=1.0, act=fd.ReLU, **kw):
         layers.append(fd.BatchNorm(h))
     layers.append(act())
     if keep_prob < 1.0:
-        layers.append(fd.Dropout(keep_prob))
+        layers.append(fd.Dropout(keep_prob=keep_prob))
     layers.append(fd.Dense(h, k))
     kw.setdefault("backend", B)
     return fd.Sequential(layers, **kw)
@@ -52,7 +52,7 @@ def mlp(n=5, h=8, k=3, *, bn=False, keep_prob=1.0, act=fd.ReLU, **kw):
 
 
 def test_flat_params_are_shared_views_in_order():
-    layers = [fd.Dense(3, 4, use_bias=False), fd.BatchNorm(4), fd.ReLU(), fd.Dropout(0.8), fd.Dense(4, 2)]
+    layers = [fd.Dense(3, 4, use_bias=False), fd.BatchNorm(4), fd.ReLU(), fd.Dropout(keep_prob=0.8), fd.Dense(4, 2)]
     model = fd.Sequential(layers, backend=B)
     d0, bn, _, _, d1 = layers
     assert model.params.shape == (12 + 4 + 4 + 8 + 2,)
@@ -553,7 +553,7 @@ def test_copy_is_independent_and_keeps_the_kernels():
 
 def test_model_dropout_keeps_the_mean_activation():
     n = 2000
-    model = fd.Sequential([fd.Dense(n, n, init="zeros", use_bias=False), fd.Dropout(0.5)], loss="mse",
+    model = fd.Sequential([fd.Dense(n, n, init="zeros", use_bias=False), fd.Dropout(keep_prob=0.5)], loss="mse",
                           backend=B, seed=3)
     model.layers[0].W[...] = np.eye(n)
     X = np.full((20, n), 3.0, np.float32)
@@ -577,7 +577,7 @@ def test_model_dropout_keeps_the_mean_activation():
 def test_dropout_keep_prob_one_is_identity_in_training():
     X, y = make_data(20, 5, 3)
     a = mlp(keep_prob=1.0, dtype="float64", seed=2)
-    b = fd.Sequential([fd.Dense(5, 8), fd.ReLU(), fd.Dropout(1.0), fd.Dense(8, 3)], backend=B, seed=2,
+    b = fd.Sequential([fd.Dense(5, 8), fd.ReLU(), fd.Dropout(keep_prob=1.0), fd.Dense(8, 3)], backend=B, seed=2,
                       dtype="float64")
     b.params[...] = a.params
     assert a.compute_gradients(X, y) == b.compute_gradients(X, y)
@@ -586,7 +586,7 @@ def test_dropout_keep_prob_one_is_identity_in_training():
 
 def test_dropout_and_activation_as_first_layers():
     X, y = make_data(20, 5, 3)
-    model = fd.Sequential([fd.Dropout(0.8), fd.Tanh(), fd.Dense(5, 3)], backend=B, dtype="float64")
+    model = fd.Sequential([fd.Dropout(keep_prob=0.8), fd.Tanh(), fd.Dense(5, 3)], backend=B, dtype="float64")
     assert model.n_features == 5
     assert model.predict(X).shape == (20,)
     report = fd.gradcheck(model, X, y)
@@ -694,7 +694,7 @@ def test_bad_regression_targets():
 def test_bad_hyperparameters():
     for kp in (0, 0.0, 1.5, -0.1, float("nan")):
         with pytest.raises(ValueError, match="keep_prob must be"):
-            fd.Dropout(kp)
+            fd.Dropout(keep_prob=kp)
     for lr in (0, -1e-3):
         for cls in (fd.SGD, fd.Momentum, fd.RMSprop, fd.Adam):
             with pytest.raises(ValueError, match="lr must be > 0"):

@@ -23,7 +23,7 @@ TRAIN_SCRIPT = textwrap.dedent(
     ckpt, out, epochs, backend = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
     X, y = fd.datasets.load_digits()
     X = X / 16.0
-    model = fd.Sequential([fd.Dense(64, 48, use_bias=False), fd.BatchNorm(48), fd.ReLU(), fd.Dropout(0.8),
+    model = fd.Sequential([fd.Dense(64, 48, use_bias=False), fd.BatchNorm(48), fd.ReLU(), fd.Dropout(keep_prob=0.8),
                            fd.Dense(48, 10)], l2=1e-3, backend=backend, seed=7)
     model.fit(X, y, optimizer=fd.Adam(3e-3), epochs=epochs, batch_size=32,
               lr_schedule=fd.schedules.InverseTimeDecay(0.2),

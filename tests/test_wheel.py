@@ -21,7 +21,7 @@ assert "site-packages" in fd.__file__, fd.__file__        # the installed wheel,
 X, y = fd.datasets.load_digits()
 Xtr, Xdv, Xte, ytr, ydv, yte = train_dev_test_split(X, y, seed=0, stratify=True)
 sc = Standardizer().fit(Xtr)
-model = fd.Sequential([fd.Dense(64, 128, use_bias=False), fd.BatchNorm(128), fd.ReLU(), fd.Dropout(0.9),
+model = fd.Sequential([fd.Dense(64, 128, use_bias=False), fd.BatchNorm(128), fd.ReLU(), fd.Dropout(keep_prob=0.9),
                        fd.Dense(128, 10)], l2=1e-3, backend="cython", seed=0)
 assert set(model.kernels.sources.values()) == {"cython"}, model.kernels.sources
 t1 = time.perf_counter()
