@@ -25,7 +25,14 @@ EXTENSIONS = {
     "fastdl._kernels._losses": "kernels/_losses.pyx",
     "fastdl._kernels._dropout": "kernels/_dropout.pyx",
     "fastdl._kernels._optim": "kernels/_optim.pyx",
+    # the whole-epoch executor: a nogil C loop over fastdl.plan's encoding that calls the nogil
+    # cores of the modules above (cimported through kernels/fastdl/_kernels/*.pxd)
+    "fastdl._kernels._epoch": "kernels/_epoch.pyx",
 }
+# C headers (kernels/*.h) and the cimport path: the .pxd of module fastdl._kernels.X is
+# kernels/fastdl/_kernels/X.pxd (Cython looks it up by qualified name), shared declarations are in
+# kernels/_kernel_common.pxd.
+KERNEL_DIR = "kernels"
 
 
 def _has_openmp(compiler) -> bool:
@@ -64,11 +71,11 @@ def extensions():
     from Cython.Build import cythonize
 
     exts = [
-        Extension(name, [src], include_dirs=[np.get_include()],
+        Extension(name, [src], include_dirs=[np.get_include(), KERNEL_DIR],
                   define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")])
         for name, src in EXTENSIONS.items()
     ]
-    return cythonize(exts, language_level=3, compiler_directives={
+    return cythonize(exts, language_level=3, include_path=[KERNEL_DIR], compiler_directives={
         "boundscheck": False, "wraparound": False, "cdivision": True, "initializedcheck": False,
     })
 

@@ -21,60 +21,7 @@ from scipy.linalg cimport cython_blas
 # MKL's JIT GEMM for small float32 products (MKL only): a kernel generated once
 # per (transposes, sizes, strides, beta) and kept in a small table. At the shapes
 # of a batch-32 MLP step it takes 0.3-0.5 us off each product (10-60%).
-cdef extern from *:
-    """
-    #include <string.h>
-    typedef void (*fdl_sjit_kernel_t)(void*, float*, float*, float*);
-    typedef int (*fdl_sjit_create_t)(void**, int, int, int, int, int, int, float, int, int, float, int);
-    typedef void* (*fdl_jit_get_t)(const void*);
-    #define FDL_JIT_SLOTS 256
-    #define FDL_JIT_PROBES 8
-    typedef struct { int ready; int key[8]; void* jitter; fdl_sjit_kernel_t kern; } fdl_jit_entry;
-    static fdl_jit_entry fdl_jit_table[FDL_JIT_SLOTS];
-    static fdl_sjit_create_t fdl_sjit_create = 0;
-    static fdl_jit_get_t fdl_jit_get = 0;
-    static int fdl_jit_lock = 0;
-
-    static void fdl_jit_set(size_t create, size_t get) {
-        fdl_sjit_create = (fdl_sjit_create_t)create;
-        fdl_jit_get = (fdl_jit_get_t)get;
-    }
-
-    /* The JIT kernel of this row-major product, made on first use (under a spin
-       lock: creation is rare); NULL: use the plain sgemm (no MKL, table full,
-       MKL refused). Entries are published with a release store of `ready`. */
-    static fdl_sjit_kernel_t fdl_sjit_lookup(int ta, int tb, int M, int N, int K, int lda, int ldb,
-                                             float beta, int ldc, void** jitter) {
-    #if defined(__GNUC__)
-        int key[8] = {ta, tb, M, N, K, lda, ldb, 2 * ldc + (beta != 0.0f)};
-        unsigned h = 2166136261u;
-        int i, probe;
-        if (!fdl_sjit_create || !fdl_jit_get || (beta != 0.0f && beta != 1.0f)) return 0;
-        for (i = 0; i < 8; i++) h = (h ^ (unsigned)key[i]) * 16777619u;
-        for (probe = 0; probe < FDL_JIT_PROBES; probe++) {
-            fdl_jit_entry* e = &fdl_jit_table[(h + (unsigned)probe) % FDL_JIT_SLOTS];
-            if (!__atomic_load_n(&e->ready, __ATOMIC_ACQUIRE)) {
-                while (__atomic_exchange_n(&fdl_jit_lock, 1, __ATOMIC_ACQUIRE)) { }
-                if (!e->ready) {
-                    void* j = 0;
-                    int st = fdl_sjit_create(&j, 101, ta ? 112 : 111, tb ? 112 : 111, M, N, K, 1.0f,
-                                             lda, ldb, beta, ldc);   /* 101 row-major, 111/112 (no)trans */
-                    memcpy(e->key, key, sizeof key);
-                    e->jitter = j;
-                    e->kern = (st != 2 && j) ? (fdl_sjit_kernel_t)fdl_jit_get(j) : 0;   /* 2: MKL_JIT_ERROR */
-                    __atomic_store_n(&e->ready, 1, __ATOMIC_RELEASE);
-                }
-                __atomic_store_n(&fdl_jit_lock, 0, __ATOMIC_RELEASE);
-            }
-            if (memcmp(e->key, key, sizeof key) == 0) {
-                *jitter = e->jitter;
-                return e->kern;
-            }
-        }
-    #endif
-        return 0;
-    }
-    """
+cdef extern from "fastdl_blas_jit.h":
     ctypedef void (*fdl_sjit_kernel_t)(void*, float*, float*, float*) noexcept nogil
     void fdl_jit_set(size_t create, size_t get) noexcept nogil
     fdl_sjit_kernel_t fdl_sjit_lookup(int ta, int tb, int M, int N, int K, int lda, int ldb, float beta, int ldc,

@@ -159,7 +159,7 @@ cdef tc_void grad_colsum_chunk(const real* A, const real* dA, real* dZ, real* db
 
 # ------------------------------------------------------------------ parallel drivers
 
-cdef void act_par(const real* z, real* out, Py_ssize_t n, int act) noexcept nogil:
+cdef void activation_forward_c(const real* z, real* out, Py_ssize_t n, int act) noexcept nogil:
     cdef int nt = nthreads(n, grain(act))
     cdef Py_ssize_t per, lo, c
     if nt == 1:
@@ -172,7 +172,7 @@ cdef void act_par(const real* z, real* out, Py_ssize_t n, int act) noexcept nogi
             act_chunk(z + lo, out + lo, min(per, n - lo), act)
 
 
-cdef void grad_par(const real* a, const real* d, real* o, Py_ssize_t n, int act) noexcept nogil:
+cdef void activation_backward_c(const real* a, const real* d, real* o, Py_ssize_t n, int act) noexcept nogil:
     cdef int nt = nthreads(n, grain(act))
     cdef Py_ssize_t per, lo, c
     if nt == 1:
@@ -187,7 +187,7 @@ cdef void grad_par(const real* a, const real* d, real* o, Py_ssize_t n, int act)
 
 # ------------------------------------------------------------------ fused-type bodies
 
-cdef void _dense_forward(const real* A, const real* W, const real* b, bint has_b, int act, real* out,
+cdef void dense_forward_c(const real* A, const real* W, const real* b, bint has_b, int act, real* out,
                          int m, int n_in, int n_out) noexcept nogil:
     cdef real one = 1, zero = 0
     if has_b:
@@ -199,7 +199,7 @@ cdef void _dense_forward(const real* A, const real* W, const real* b, bint has_b
         act_chunk(out, out, <Py_ssize_t>m * n_out, act)
 
 
-cdef void _dense_backward(const real* A, const real* W, const real* out, const real* dout, int act,
+cdef void dense_backward_c(const real* A, const real* W, const real* out, const real* dout, int act,
                           double l2, real* dZ, real* dW, real* db, bint has_db, real* dA, bint has_dA,
                           int m, int n_in, int n_out) noexcept nogil:
     cdef real one = 1, zero = 0
@@ -218,11 +218,20 @@ cdef void _dense_backward(const real* A, const real* W, const real* out, const r
 
 # ------------------------------------------------------------------ Python entry points
 
-def dense_forward(A_prev, W, b, int act, out):
-    """``out = g(A_prev @ W + b)`` (see fastdl.backends.contract)."""
+cdef int check_precision(int precision) except -1:
+    if precision == 0:
+        return 0
+    if precision == 1:
+        raise NotImplementedError("precision=1 (bfloat16 GEMMs) is not implemented by the Cython dense kernels yet")
+    raise ValueError(f"precision must be 0 (float32 GEMMs) or 1 (bfloat16 GEMMs), got {precision}")
+
+
+def dense_forward(A_prev, W, b, int act, out, int precision=0):
+    """``out = g(A_prev @ W + b)`` (see fastdl.backends.contract); ``precision`` 0 = the dtype's GEMM."""
     cdef int t = rtype(A_prev, 2)
     cdef Py_ssize_t m, n_in, n_out
     cdef bint has_b
+    check_precision(precision)
     if not (is_float(t) and rtype(W, 2) == t and wtype(out, 2) == t and 0 <= act <= 3):
         return _ref.dense_forward(A_prev, W, b, act, out)
     m = dim(A_prev, 0)
@@ -235,18 +244,19 @@ def dense_forward(A_prev, W, b, int act, out):
         return _ref.dense_forward(A_prev, W, b, act, out)
     with nogil:
         if t == cnp.NPY_FLOAT:
-            _dense_forward(<float*>data(A_prev), <float*>data(W), <float*>data(b) if has_b else NULL, has_b,
+            dense_forward_c(<float*>data(A_prev), <float*>data(W), <float*>data(b) if has_b else NULL, has_b,
                            act, <float*>data(out), <int>m, <int>n_in, <int>n_out)
         else:
-            _dense_forward(<double*>data(A_prev), <double*>data(W), <double*>data(b) if has_b else NULL, has_b,
+            dense_forward_c(<double*>data(A_prev), <double*>data(W), <double*>data(b) if has_b else NULL, has_b,
                            act, <double*>data(out), <int>m, <int>n_in, <int>n_out)
 
 
-def dense_backward(A_prev, W, out, dout, int act, double l2_over_m, dZ, dW, db, dA_prev):
+def dense_backward(A_prev, W, out, dout, int act, double l2_over_m, dZ, dW, db, dA_prev, int precision=0):
     """``dZ = dout*g'(out)``, ``dW = A_prev.T@dZ + l2_over_m*W``, ``db``, ``dA_prev = dZ@W.T``."""
     cdef int t = rtype(A_prev, 2)
     cdef Py_ssize_t m, n_in, n_out
     cdef bint has_db, has_dA
+    check_precision(precision)
     if not (is_float(t) and rtype(W, 2) == t and rtype(out, 2) == t and rtype(dout, 2) == t
             and wtype(dZ, 2) == t and wtype(dW, 2) == t and 0 <= act <= 3):
         return _ref.dense_backward(A_prev, W, out, dout, act, l2_over_m, dZ, dW, db, dA_prev)
@@ -264,12 +274,12 @@ def dense_backward(A_prev, W, out, dout, int act, double l2_over_m, dZ, dW, db, 
         return _ref.dense_backward(A_prev, W, out, dout, act, l2_over_m, dZ, dW, db, dA_prev)
     with nogil:
         if t == cnp.NPY_FLOAT:
-            _dense_backward(<float*>data(A_prev), <float*>data(W), <float*>data(out), <float*>data(dout), act,
+            dense_backward_c(<float*>data(A_prev), <float*>data(W), <float*>data(out), <float*>data(dout), act,
                             l2_over_m, <float*>data(dZ), <float*>data(dW),
                             <float*>data(db) if has_db else NULL, has_db,
                             <float*>data(dA_prev) if has_dA else NULL, has_dA, <int>m, <int>n_in, <int>n_out)
         else:
-            _dense_backward(<double*>data(A_prev), <double*>data(W), <double*>data(out), <double*>data(dout), act,
+            dense_backward_c(<double*>data(A_prev), <double*>data(W), <double*>data(out), <double*>data(dout), act,
                             l2_over_m, <double*>data(dZ), <double*>data(dW),
                             <double*>data(db) if has_db else NULL, has_db,
                             <double*>data(dA_prev) if has_dA else NULL, has_dA, <int>m, <int>n_in, <int>n_out)
@@ -285,9 +295,9 @@ def activation_forward(Z, int act, out):
     n = cnp.PyArray_SIZE(<cnp.ndarray>Z)
     with nogil:
         if t == cnp.NPY_FLOAT:
-            act_par(<float*>data(Z), <float*>data(out), n, act)
+            activation_forward_c(<float*>data(Z), <float*>data(out), n, act)
         else:
-            act_par(<double*>data(Z), <double*>data(out), n, act)
+            activation_forward_c(<double*>data(Z), <double*>data(out), n, act)
 
 
 def activation_backward(out, dout, int act, dZ):
@@ -301,6 +311,6 @@ def activation_backward(out, dout, int act, dZ):
     n = cnp.PyArray_SIZE(<cnp.ndarray>out)
     with nogil:
         if t == cnp.NPY_FLOAT:
-            grad_par(<float*>data(out), <float*>data(dout), <float*>data(dZ), n, act)
+            activation_backward_c(<float*>data(out), <float*>data(dout), <float*>data(dZ), n, act)
         else:
-            grad_par(<double*>data(out), <double*>data(dout), <double*>data(dZ), n, act)
+            activation_backward_c(<double*>data(out), <double*>data(dout), <double*>data(dZ), n, act)
