@@ -78,11 +78,94 @@ def test_round_trip_every_loss(tmp_path):
         np.testing.assert_array_equal(loaded.decision_function(X), model.decision_function(X))
 
 
-def test_save_creates_parent_directories(tmp_path):
+def test_save_into_a_missing_directory_raises_naming_it(tmp_path):
+    """Like np.save: a typo in the directory must not silently create a directory tree."""
     model, *_ = trained_model()
-    path = tmp_path / "a" / "b" / "m.fdl"
-    model.save(path)
-    assert path.is_file()
+    path = tmp_path / "typo" / "b" / "m.fdl"
+    with pytest.raises(FileNotFoundError, match="no such directory") as info:
+        model.save(path)
+    assert info.value.filename == str(path.parent)
+    assert str(path.parent) in str(info.value)
+    assert not (tmp_path / "typo").exists()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(NotADirectoryError):
+        model.save(tmp_path / "file" / "m.fdl")
+
+
+def test_save_onto_a_directory_names_the_target(tmp_path):
+    model, *_ = trained_model()
+    target = tmp_path / "out.fdl"
+    target.mkdir()
+    with pytest.raises(IsADirectoryError) as info:
+        model.save(target)
+    assert info.value.filename == str(target)
+    assert ".tmp" not in str(info.value)
+    assert sorted(os.listdir(tmp_path)) == ["out.fdl"]  # no temporary file left behind
+
+
+WRITER = """
+import os, signal, sys, time
+from fastdl._atomic import atomic_write
+
+def write(f):
+    f.write(b"PK partial model")
+    f.flush()
+    print("writing", flush=True)
+    if sys.argv[1] == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(120)
+
+atomic_write(sys.argv[2], write)
+"""
+
+
+def test_temp_files_of_killed_savers_are_removed_but_not_a_live_savers(tmp_path):
+    import subprocess
+    import sys
+
+    model, *_ = trained_model()
+    target = tmp_path / "m.fdl"
+    script = tmp_path / "writer.py"
+    script.write_text(WRITER)
+    killed = subprocess.run([sys.executable, str(script), "kill", str(target)], capture_output=True, text=True,
+                            timeout=120)
+    assert killed.returncode == -9 and "writing" in killed.stdout
+    stale = [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    assert len(stale) == 1 and stale[0].startswith(".m.fdl.")
+    live = subprocess.Popen([sys.executable, str(script), "sleep", str(target)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert live.stdout.readline().strip() == "writing"
+        temps = {p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")}
+        (live_tmp,) = temps - set(stale)
+        assert f"-{live.pid}-" in live_tmp
+        # unrelated files that merely look similar are never touched
+        (tmp_path / ".m.fdl.not-ours.tmp").write_bytes(b"x")
+        (tmp_path / ".other.fdl.00000000-999999999-00000000.tmp").write_bytes(b"x")
+        model.save(target)
+        left = {p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")}
+        assert left == {live_tmp, ".m.fdl.not-ours.tmp", ".other.fdl.00000000-999999999-00000000.tmp"}
+        np.testing.assert_array_equal(fd.load(target, backend=B).params, model.params)
+    finally:
+        live.kill()
+        live.wait(timeout=60)
+        live.stdout.close()
+    model.save(target)  # the saver is gone now: its leftover goes too
+    assert {p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")} == {
+        ".m.fdl.not-ours.tmp", ".other.fdl.00000000-999999999-00000000.tmp"}
+
+
+def test_loading_a_text_file_says_it_is_not_a_model_file(tmp_path):
+    path = tmp_path / "notes.fdl"
+    path.write_text("epochs: 10\nlr: 0.1\n")
+    with pytest.raises(fd.ModelFileError, match="not a fastdl model file.*text file starting 'epochs: 10'"):
+        fd.load(path)
+    path.write_text("")
+    with pytest.raises(fd.ModelFileError, match="empty"):
+        fd.load(path)
+    path.write_bytes(b"\x80\x04\x95 pickle bytes \x00\x01")
+    with pytest.raises(fd.ModelFileError, match="not a fastdl model file") as info:
+        fd.load(path)
+    assert "pickle" not in str(info.value)
 
 
 def test_optimizer_state_round_trip_and_resume(tmp_path):
@@ -201,10 +284,10 @@ def test_missing_file(tmp_path):
 def test_corrupt_file(tmp_path):
     path = tmp_path / "junk.fdl"
     path.write_bytes(np.random.default_rng(0).bytes(2000))
-    with pytest.raises(fd.ModelFileError, match="not a readable fastdl model file"):
+    with pytest.raises(fd.ModelFileError, match="not a (readable )?fastdl model file"):
         fd.load(path)
     path.write_bytes(b"")
-    with pytest.raises(fd.ModelFileError, match="not a readable fastdl model file"):
+    with pytest.raises(fd.ModelFileError, match="not a fastdl model file.*empty"):
         fd.load(path)
     assert issubclass(fd.ModelFileError, ValueError)
 

@@ -65,7 +65,9 @@ def test_sigkill_mid_training_then_resume_matches_uninterrupted(tmp_path: Path) 
     if killed:
         assert not out.exists(), "the killed run must not have finished"
     # no temporary files left behind beside a valid checkpoint
-    assert fd.io.load_metadata(ckpt)["checkpoint"]["next_epoch"] >= 1
+    from fastdl.checkpoint import checkpoint_info
+
+    assert checkpoint_info(ckpt)["next_epoch"] >= 1
     subprocess.run([sys.executable, str(script), str(ckpt), str(out), str(epochs), "reference"],
                    check=True, env=_env(), timeout=300)
     np.testing.assert_array_equal(np.load(out), np.load(ref_out))
