@@ -12,7 +12,8 @@ which forward to a Fortran ``sgemm_`` / ``dgemm_``:
   and ``MKL_CBWR=AUTO`` (conditional numerical reproducibility: the same
   results from run to run with the same thread count, whatever the memory
   alignment of the arrays: resumed training stays bit-identical).
-  An explicit user setting of either variable wins.
+  An explicit user setting of either variable wins; see :mod:`fastdl.backends.runtime`
+  (what was applied is reported by ``fastdl.backends.info()``).
 * ``"openblas"``: SciPy's OpenBLAS (``scipy.linalg.cython_blas``), always
   available.
 
@@ -29,6 +30,8 @@ import glob
 import os
 import sys
 import sysconfig
+
+from . import runtime
 
 PROVIDERS = ("mkl", "openblas")
 _state: dict[str, object] = {}
@@ -58,9 +61,9 @@ def _load_mkl() -> tuple[int, int, int, tuple[int, int], str]:
 
     (The lower-case mkl_set_num_threads_local exported by libmkl_rt is the Fortran entry, by reference.)
     """
-    os.environ.setdefault("MKL_THREADING_LAYER", "GNU")
-    os.environ.setdefault("MKL_INTERFACE_LAYER", "LP64")   # 32-bit ints, as the wrappers pass
-    os.environ.setdefault("MKL_CBWR", "AUTO")
+    # MKL_THREADING_LAYER=GNU, MKL_INTERFACE_LAYER=LP64 (32-bit ints, as the wrappers pass), MKL_CBWR=AUTO,
+    # each unless the user set it (reported by fastdl.backends.info()).
+    runtime.prepare_mkl()
     errors = []
     for path in _mkl_candidates():
         try:
@@ -84,6 +87,7 @@ def _load_mkl() -> tuple[int, int, int, tuple[int, int], str]:
 
 def select(choice: str | None = None) -> str:
     """Pick the BLAS (once per process unless ``choice`` is given); returns its name."""
+    runtime.prepare_openmp()   # the extensions link libgomp: its load-time settings first
     from fastdl._kernels import _blas
 
     if choice is None and "provider" in _state:

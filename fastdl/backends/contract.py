@@ -145,3 +145,75 @@ def dropout_key(seed: int, step: int, layer: int) -> int:
 def keep_threshold(keep_prob: float) -> int:
     """Integer threshold on the 32 high bits: keep when bits < threshold."""
     return int(float(keep_prob) * 4294967296.0)
+
+
+# --------------------------------------------------------------------------- the typed contract
+# Appended by the backend-registry owner (helper V); the kernel list and docstring above belong
+# to the plan owner. tests/test_backend_boundary.py checks that this Protocol, the reference
+# kernels and every backend's kernels have the same names, parameters, order and defaults.
+
+from typing import Protocol, runtime_checkable  # noqa: E402
+
+import numpy as _np  # noqa: E402
+
+Array = _np.ndarray
+
+
+@runtime_checkable
+class KernelContract(Protocol):
+    """What every backend provides, kernel by kernel (semantics: the module docstring above).
+
+    A backend module (``reference``, ``numba``, ``cython``) implements a subset
+    as plain functions; a :class:`fastdl.backends.Backend` implements all of
+    them (missing ones fall back to the reference) as validated entry points,
+    with the raw functions under ``backend.unchecked``.
+    """
+
+    def dense_forward(self, A_prev: Array, W: Array, b: Array, act: int, out: Array,
+                      precision: int = 0) -> None: ...
+
+    def dense_backward(self, A_prev: Array, W: Array, out: Array, dout: Array, act: int, l2_over_m: float,
+                       dZ: Array, dW: Array, db: Array, dA_prev: Array, precision: int = 0) -> None: ...
+
+    def activation_forward(self, Z: Array, act: int, out: Array) -> None: ...
+
+    def activation_backward(self, out: Array, dout: Array, act: int, dZ: Array) -> None: ...
+
+    def batchnorm_forward_train(self, Z: Array, gamma: Array, beta: Array, eps: float, momentum: float,
+                                running_mean: Array, running_var: Array, mean: Array, inv_std: Array,
+                                out: Array) -> None: ...
+
+    def batchnorm_forward_infer(self, Z: Array, gamma: Array, beta: Array, running_mean: Array,
+                                running_var: Array, eps: float, out: Array) -> None: ...
+
+    def batchnorm_backward(self, Z: Array, gamma: Array, mean: Array, inv_std: Array, dout: Array, dZ: Array,
+                           dgamma: Array, dbeta: Array) -> None: ...
+
+    def softmax_cross_entropy(self, Z: Array, y: Array, dZ: Array, w: Array | None = None) -> float: ...
+
+    def softmax(self, Z: Array, out: Array) -> None: ...
+
+    def sigmoid_bce(self, Z: Array, y: Array, dZ: Array, w: Array | None = None) -> float: ...
+
+    def mse(self, Yhat: Array, Y: Array, dZ: Array, w: Array | None = None) -> float: ...
+
+    def dropout_forward(self, A: Array, keep_prob: float, seed: int, step: int, layer: int, mask: Array,
+                        out: Array) -> None: ...
+
+    def dropout_backward(self, dout: Array, mask: Array, keep_prob: float, dA: Array) -> None: ...
+
+    def sgd_step(self, params: Array, grads: Array, lr: float) -> None: ...
+
+    def momentum_step(self, params: Array, grads: Array, v: Array, beta: float, c1: float) -> None: ...
+
+    def nesterov_step(self, params: Array, grads: Array, v: Array, mu: float, c1: float,
+                      nesterov: bool) -> None: ...
+
+    def rmsprop_step(self, params: Array, grads: Array, s: Array, lr: float, beta2: float, eps: float) -> None: ...
+
+    def adam_step(self, params: Array, grads: Array, v: Array, s: Array, beta1: float, beta2: float, eps: float,
+                  c1: float, c2: float) -> None: ...
+
+    def sum_squares(self, x: Array) -> float: ...
+
+    def all_finite(self, x: Array) -> bool: ...
