@@ -39,7 +39,8 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 
 __all__ = [
-    "Transform", "AffineTransform", "RandomFlip", "RandomShift", "RandomRotation", "ElasticDistortion", "Augmenter",
+    "Transform", "AffineTransform", "RandomFlip", "RandomShift", "RandomRotation", "RandomAffine", "ElasticDistortion",
+    "Augmenter",
     "compose", "for_digits", "random_flip", "random_shift", "random_rotation", "elastic_distortion",
 ]
 
@@ -358,6 +359,70 @@ class RandomRotation(AffineTransform):
         return {"max_degrees": self.max_degrees, "mode": self.mode, "fill": self.fill, "order": self.order}
 
 
+class RandomAffine(AffineTransform):
+    """Random rotation, sub-pixel translation and zoom per image, as one bilinear warp.
+
+    Like torchvision's ``RandomAffine``, but the translation is in pixels and
+    continuous: on 8x8 digits a whole-pixel shift moves an eighth of the
+    image (and pushes strokes off the edge), while ``translate=0.5`` moves a
+    digit by at most half a pixel.
+
+    Parameters
+    ----------
+    degrees : float
+        Rotation angle uniform in ``[-degrees, degrees]`` (about the centre;
+        positive = counter-clockwise as displayed).
+    translate : float or (float, float)
+        Shift ``dy, dx`` uniform in ``[-t, t]`` pixels (per axis with a pair).
+    scale : (float, float)
+        Zoom factor uniform in ``[lo, hi]`` about the centre (> 1 enlarges).
+    mode, fill : padding (see module docs)
+    """
+
+    def __init__(self, degrees: float = 0.0, translate: "float | tuple[float, float]" = 0.0,
+                 scale: "tuple[float, float]" = (1.0, 1.0), *, mode: str = "constant", fill: float = 0.0):
+        self.degrees = _check_number("degrees", degrees)
+        if self.degrees > 180:
+            raise ValueError(f"degrees must be <= 180, got {degrees!r}")
+        pair = tuple(translate) if isinstance(translate, (tuple, list)) else (translate, translate)
+        if len(pair) != 2:
+            raise ValueError(f"translate must be a number or a pair (dy, dx), got {translate!r}")
+        self.translate = (_check_number("translate", pair[0]), _check_number("translate", pair[1]))
+        if not isinstance(scale, (tuple, list)) or len(scale) != 2:
+            raise ValueError(f"scale must be a pair (lo, hi), got {scale!r}")
+        lo = _check_number("scale", scale[0], allow_low=False)
+        hi = _check_number("scale", scale[1], allow_low=False)
+        if lo > hi:
+            raise ValueError(f"scale must be (lo, hi) with lo <= hi, got {scale!r}")
+        self.scale = (lo, hi)
+        self.mode = _check_mode(mode)
+        self.fill = _check_number("fill", fill, low=-math.inf)
+        self.order = 1
+
+    def matrices(self, m: int, H: int, W: int, rng: np.random.Generator) -> np.ndarray:
+        # one generator call for all parameters: reproducible whatever the path
+        u = rng.uniform(-1.0, 1.0, size=(m, 4))
+        th = np.deg2rad(self.degrees * u[:, 0])
+        lo, hi = self.scale
+        zoom = lo + (hi - lo) * (u[:, 1] + 1.0) / 2.0
+        ty, tx = self.translate[0] * u[:, 2], self.translate[1] * u[:, 3]
+        cy, cx = (H - 1) / 2.0, (W - 1) / 2.0
+        # inverse map: source = c + R(-theta) (q - c - t) / zoom
+        c, s_ = np.cos(th) / zoom, np.sin(th) / zoom
+        M = np.zeros((m, 3, 3))
+        M[:, 2, 2] = 1.0
+        M[:, 0, 0], M[:, 0, 1] = c, s_
+        M[:, 1, 0], M[:, 1, 1] = -s_, c
+        oy, ox = cy + ty, cx + tx
+        M[:, 0, 2] = cy - c * oy - s_ * ox
+        M[:, 1, 2] = cx + s_ * oy - c * ox
+        return M
+
+    def get_config(self):
+        return {"degrees": self.degrees, "translate": self.translate, "scale": self.scale, "mode": self.mode,
+                "fill": self.fill}
+
+
 class ElasticDistortion(Transform):
     """Smooth random distortion (:func:`elastic_distortion`)."""
 
@@ -415,14 +480,26 @@ class Augmenter:
         When the inputs are standardised per feature, undo it before the
         transforms and redo it after, so padding and interpolation happen on
         the original pixel values (where ``fill=0`` is the background).
+    std_floor : float or None
+        With a ``standardizer``: the change a transform makes to a feature
+        is divided by ``max(std, std_floor * median std)`` instead of the
+        feature's own ``std``. Features that are (almost) constant in the
+        training set, like the always-blank border pixels of the digits,
+        have a std near 0: a transform moving a little ink into them would
+        otherwise produce standardised values in the hundreds, inputs the
+        model never meets at test time (this cost the digits 5-30 points of
+        accuracy). Features with an ordinary std are standardised exactly.
+        Default 0.25; ``None`` or 0 re-standardises every feature exactly.
     p : float
-        Probability that an image is augmented at all (default 1).
+        Probability that an image is augmented at all (default 1); the
+        others pass through unchanged.
 
     Returns a new array of the input's shape and dtype; the input is not modified.
     """
 
     def __init__(self, transforms: Iterable[Callable[[np.ndarray, np.random.Generator], np.ndarray]], *,
-                 image_shape: "Sequence[int] | None" = None, standardizer: Any = None, p: float = 1.0):
+                 image_shape: "Sequence[int] | None" = None, standardizer: Any = None,
+                 std_floor: "float | None" = 0.25, p: float = 1.0):
         self.transforms = list(transforms)
         for i, t in enumerate(self.transforms):
             if not callable(t):
@@ -437,6 +514,7 @@ class Augmenter:
                                              and hasattr(standardizer, "inverse_transform")):
             raise TypeError("standardizer must have transform and inverse_transform (a fastdl Standardizer)")
         self.standardizer = standardizer
+        self.std_floor = None if std_floor is None else _check_number("std_floor", std_floor)
         self.p = _check_number("p", p)
         if self.p > 1:
             raise ValueError(f"p must be in [0, 1], got {p!r}")
@@ -466,8 +544,22 @@ class Augmenter:
             Z = self._apply(Z, rng)
         Z = Z.reshape(in_shape)
         if self.standardizer is not None:
-            Z = self.standardizer.transform(Z)
+            if self.std_floor:
+                raw = self.standardizer.inverse_transform(X)
+                Z = np.asarray(X, np.float64) + (Z - raw) / self._floored_scale(X)
+            else:
+                Z = self.standardizer.transform(Z)
         return np.asarray(Z, dtype=in_dtype if in_dtype.kind == "f" else np.float64)
+
+    def _floored_scale(self, X: np.ndarray) -> np.ndarray:
+        """Per-feature ``max(std, std_floor * median std)`` of the standardizer, shaped like one row of X."""
+        # any per-feature affine standardizer: transform(1) - transform(0) = 1 / std
+        one = np.ones_like(X[:1], dtype=np.float64)
+        inv = np.asarray(self.standardizer.transform(one), np.float64) \
+            - np.asarray(self.standardizer.transform(one * 0.0), np.float64)
+        with np.errstate(divide="ignore"):
+            std = 1.0 / np.abs(inv)
+        return np.maximum(std, self.std_floor * float(np.median(std)))
 
     def _plan(self) -> list:
         """Groups of the chain: runs of affine transforms (same mode/fill/order) become one warp."""
@@ -494,6 +586,7 @@ class Augmenter:
     def __repr__(self) -> str:
         extra = f", image_shape={self.image_shape}" if self.image_shape else ""
         extra += ", standardizer=..." if self.standardizer is not None else ""
+        extra += f", std_floor={self.std_floor}" if self.standardizer is not None and self.std_floor != 0.25 else ""
         extra += f", p={self.p}" if self.p < 1 else ""
         return f"Augmenter({self.transforms!r}{extra})"
 
@@ -504,15 +597,29 @@ def compose(*transforms: Callable[[np.ndarray, np.random.Generator], np.ndarray]
     return Augmenter(transforms, image_shape=image_shape, standardizer=standardizer)
 
 
-def for_digits(max_shift: int = 1, max_degrees: float = 10.0, *, elastic: bool = False,
-               image_shape: Sequence[int] = (8, 8), standardizer: Any = None, fill: float = 0.0) -> Augmenter:
-    """Label-preserving augmentation for the 8x8 digits: shift by up to ``max_shift`` pixels and
-    rotate by up to ``max_degrees`` (optionally an elastic distortion). No flips."""
+def for_digits(*, max_degrees: float = 10.0, max_translate: float = 0.5, zoom: "tuple[float, float]" = (0.9, 1.1),
+               p: float = 0.5, max_shift: int = 0, elastic: bool = False, image_shape: Sequence[int] = (8, 8),
+               standardizer: Any = None, std_floor: "float | None" = 0.25, fill: float = 0.0) -> Augmenter:
+    """Label-preserving augmentation for the 8x8 digits (no flips), measured to help.
+
+    Half the images of each batch (``p``) get one bilinear warp: a rotation
+    of up to ``max_degrees``, a sub-pixel translation of up to
+    ``max_translate`` pixels and a zoom in ``zoom`` (:class:`RandomAffine`).
+    The digits are size-normalised and centred, so whole-pixel shifts
+    (``max_shift``, off by default) move an eighth of the image and cost
+    accuracy. Pass the ``Standardizer`` of standardised inputs
+    (``std_floor``: see :class:`Augmenter`).
+
+    Measured on the README's model (``benchmarks/augment_accuracy.py``, mean
+    test accuracy over 5 seeds): 97.55% -> 98.50% on the full training set,
+    94.15% -> 95.15% on a quarter of it; the former default (1-pixel shift
+    + 10 degrees, every image) gave 92.1% and 80.3%.
+    """
     ts: list[Transform] = []
     if max_shift:
         ts.append(RandomShift(max_shift, fill=fill))
-    if max_degrees:
-        ts.append(RandomRotation(max_degrees, fill=fill))
+    if max_degrees or max_translate or tuple(zoom) != (1.0, 1.0):
+        ts.append(RandomAffine(max_degrees, max_translate, tuple(zoom), fill=fill))
     if elastic:
         ts.append(ElasticDistortion(fill=fill))
-    return Augmenter(ts, image_shape=image_shape, standardizer=standardizer)
+    return Augmenter(ts, image_shape=image_shape, standardizer=standardizer, std_floor=std_floor, p=p)

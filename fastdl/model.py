@@ -271,6 +271,12 @@ class Sequential:
 
         save_model(self, path, optimizer=optimizer)
 
+    def to_onnx(self, path, opset: int = 17, *, fold_batchnorm: bool = True) -> None:
+        """Write the inference graph as ONNX (float32, dynamic batch), atomically; see :mod:`fastdl.onnx`."""
+        from .onnx import export
+
+        export(self, path, opset=opset, fold_batchnorm=fold_batchnorm)
+
     # ------------------------------------------------------------- utilities
     def get_config(self) -> dict[str, Any]:
         """The architecture as plain JSON-able data."""

@@ -9,7 +9,7 @@ import pytest
 import fastdl as fd
 from fastdl import augment as A
 from fastdl.augment import (AffineTransform, Augmenter, ElasticDistortion, RandomFlip, RandomRotation, RandomShift,
-                            compose, for_digits, random_flip, random_rotation, random_shift)
+                            compose, for_digits, RandomAffine, random_flip, random_rotation, random_shift)
 from fastdl.cli import build_mlp
 
 
@@ -107,7 +107,8 @@ def test_compiled_chain_matches_the_numpy_path(monkeypatch, images):
     """The fused, compiled shift+rotation equals composing the matrices in NumPy and sampling with scipy."""
     X = images[0][:24]
     C3 = np.random.default_rng(0).random((5, 9, 7, 3))
-    for aug, data in ((for_digits(2, 20, image_shape=None), X),
+    for aug, data in ((compose(RandomShift(2), RandomRotation(20)), X), (for_digits(image_shape=None, p=1.0), X),
+                      (compose(RandomAffine(25, (0.5, 1.5), (0.8, 1.2), mode="nearest")), C3),
                       (compose(RandomRotation(30, mode="reflect"), RandomShift((1, 2), mode="reflect")), C3)):
         fast = aug(data, np.random.default_rng(4))
         monkeypatch.setattr(A, "_NUMBA", False)
@@ -220,9 +221,12 @@ def test_bad_arguments(make, exc):
 def test_digits_preset_has_no_flip():
     aug = for_digits()
     assert not any(isinstance(t, RandomFlip) for t in aug.transforms)
-    assert [type(t) for t in aug.transforms] == [RandomShift, RandomRotation]
-    assert aug.image_shape == (8, 8)
+    assert [type(t) for t in aug.transforms] == [RandomAffine]
+    assert aug.image_shape == (8, 8) and aug.p == 0.5
     assert isinstance(aug.transforms[0], AffineTransform)
+    assert [type(t) for t in for_digits(max_shift=1).transforms] == [RandomShift, RandomAffine]
+    with pytest.raises(TypeError):
+        for_digits(1, 10)  # keyword-only: the old positional (max_shift, max_degrees) must not silently change meaning
 
 
 def test_augmenting_a_batch_is_cheap(images):
@@ -248,14 +252,6 @@ def _digits_split(seed):
     return Xtr[:300], ytr[:300], Xdv, ydv                                 # small train set: high variance
 
 
-def _gap(seed, augment):
-    Xtr, ytr, Xdv, ydv = _digits_split(seed)
-    model = fd.Sequential(build_mlp(64, [64], 10, batchnorm=False), backend="reference", seed=seed)
-    model.fit(Xtr, ytr, epochs=60, batch_size=32, optimizer=fd.Adam(3e-3), augment=augment)
-    tr, dv = model.evaluate(Xtr, ytr)["error"], model.evaluate(Xdv, ydv)["error"]
-    return dv - tr, model
-
-
 def test_fit_with_augmentation_is_reproducible():
     Xtr, ytr, _, _ = _digits_split(0)
     params = []
@@ -266,10 +262,87 @@ def test_fit_with_augmentation_is_reproducible():
     assert np.array_equal(*params)
 
 
-def test_augmentation_lowers_the_dev_train_gap_on_digits():
-    """Shift (1 px) + rotation (10 deg): the same model, seeds and data, with and without augmentation."""
-    gaps = {name: [_gap(seed, aug)[0] for seed in (0, 1)] for name, aug in
-            (("without", None), ("with", for_digits(max_shift=1, max_degrees=10)))}
-    # measured: without ~0.05 (train error 0, dev ~5%), with ~0.00-0.02
-    assert all(w < wo for w, wo in zip(gaps["with"], gaps["without"])), gaps
-    assert np.mean(gaps["with"]) < np.mean(gaps["without"]) - 0.02, gaps
+def _readme_model_accuracy(seed, augment, Xtr, ytr, Xdv, ydv, Xte, yte):
+    model = fd.Sequential([fd.Dense(64, 128, use_bias=False), fd.BatchNorm(128), fd.ReLU(),
+                           fd.Dropout(keep_prob=0.9), fd.Dense(128, 10)], l2=1e-3, seed=seed)
+    model.fit(Xtr, ytr, optimizer=fd.Adam(lr=3e-3), epochs=40, batch_size=32, validation_data=(Xdv, ydv),
+              lr_schedule=fd.schedules.InverseTimeDecay(decay_rate=0.1),
+              callbacks=[fd.EarlyStopping(patience=5, restore_best=True)], augment=augment)
+    return model.evaluate(Xte, yte)["accuracy"]
+
+
+def test_for_digits_helps_the_readme_model_on_a_quarter_of_the_digits():
+    """The README's model and split, a quarter of the training set (benchmarks/augment_accuracy.py has the
+    full measurement): for_digits() must raise the mean test accuracy over 3 seeds."""
+    X, y = fd.datasets.load_digits()
+    Xtr, Xdv, Xte, ytr, ydv, yte = fd.data.train_dev_test_split(X, y, seed=0, stratify=True)
+    scaler = fd.data.Standardizer().fit(Xtr)
+    Xtr, Xdv, Xte = (scaler.transform(a) for a in (Xtr, Xdv, Xte))
+    data = (Xtr[:len(Xtr) // 4], ytr[:len(Xtr) // 4], Xdv, ydv, Xte, yte)
+    acc = {name: np.mean([_readme_model_accuracy(seed, aug, *data) for seed in range(3)])
+           for name, aug in (("without", None), ("with", for_digits(standardizer=scaler)))}
+    # measured: without 94.3%, with 95.3% (one test example is 0.28 point)
+    assert acc["with"] > acc["without"] + 0.004, acc
+
+
+# ------------------------------------------------ RandomAffine, std_floor (issue 16)
+def test_random_affine_special_cases(images):
+    X = images[0][:16]
+    assert np.allclose(RandomAffine()(X, np.random.default_rng(0)), X)                    # all ranges 0: identity
+    # a translation of exactly +-1 pixel on both axes copies pixels, like RandomShift
+    one = RandomAffine(translate=1.0)
+    M = one.matrices(16, 8, 8, np.random.default_rng(3))
+    assert np.allclose(M[:, :2, :2], np.eye(2)) and np.all(np.abs(M[:, :2, 2]) <= 1)
+    # a pure zoom about the centre keeps the centre and scales distances from it
+    Z = RandomAffine(scale=(2.0, 2.0)).matrices(1, 9, 9, np.random.default_rng(0))[0]
+    assert np.allclose(Z @ [4, 4, 1], [4, 4, 1]) and np.allclose(Z @ [8, 4, 1], [6, 4, 1])
+    # the rotation turns the same way as RandomRotation for the same angle
+    r = RandomAffine(degrees=30).matrices(64, 8, 8, np.random.default_rng(1))
+    theta = np.degrees(np.arctan2(r[:, 0, 1], r[:, 0, 0]))
+    rot = np.stack([RandomRotation(abs(t) + 1e-12)._draw(1, np.random.default_rng(0)) for t in theta[:1]])
+    ref = A._chain_matrices([1], np.array([[[theta[0], 0, 0]]]), 8, 8)[0]
+    assert np.allclose(r[0], ref) and rot.shape == (1, 1, 3)
+    with pytest.raises(ValueError):
+        RandomAffine(scale=(1.2, 0.9))
+    with pytest.raises(ValueError):
+        RandomAffine(translate=(1, 2, 3))
+
+
+def _standardized_digits():
+    X, y = fd.datasets.load_digits()
+    scaler = fd.data.Standardizer().fit(X[:1000])
+    return scaler.transform(X[:1000]).astype(np.float32), scaler
+
+
+def test_std_floor_keeps_blank_pixels_in_range():
+    """Moving ink into always-blank border pixels (std ~0) must not create standardised values in the
+    hundreds; features with an ordinary std are standardised exactly."""
+    Z, scaler = _standardized_digits()
+    aug = Augmenter([RandomShift(1)], image_shape=(8, 8), standardizer=scaler)
+    exact = Augmenter([RandomShift(1)], image_shape=(8, 8), standardizer=scaler, std_floor=None)
+    a, b = aug(Z, np.random.default_rng(0)), exact(Z, np.random.default_rng(0))
+    assert np.abs(b).max() > 100                      # the trap: e.g. a std-0.03 pixel receiving ink
+    assert np.abs(a).max() < 3 * np.abs(Z).max()      # bounded by what the training data holds
+    std = np.sqrt(scaler.var_ + scaler.eps)
+    normal = std >= 0.25 * np.median(std)
+    assert normal.sum() > 40
+    assert np.allclose(a[:, normal], b[:, normal], atol=1e-4)
+
+
+def test_augmenter_p_leaves_the_other_rows_bit_identical():
+    Z, scaler = _standardized_digits()
+    aug = for_digits(standardizer=scaler)                  # p = 0.5
+    out = aug(Z[:200], np.random.default_rng(0))
+    same = np.all(out == Z[:200], axis=1)
+    assert 60 < same.sum() < 140                           # about half untouched, bit for bit
+    assert out.dtype == Z.dtype
+
+
+def test_for_digits_on_standardized_digits_stays_in_distribution():
+    Z, scaler = _standardized_digits()
+    out = for_digits(standardizer=scaler, p=1.0)(Z, np.random.default_rng(0))
+    assert np.abs(out).max() < 3 * np.abs(Z).max()
+    # a mild warp: every image stays close to its original
+    raw_out, raw = scaler.inverse_transform(out), scaler.inverse_transform(Z)
+    corr = [np.corrcoef(o, z)[0, 1] for o, z in zip(raw_out, raw)]
+    assert np.median(corr) > 0.8
