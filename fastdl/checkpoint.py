@@ -178,8 +178,13 @@ def _read_history(arc: Archive, step_count: int) -> tuple[dict, np.ndarray]:
     return h, arc.array("history.batch_cost", shape, np.float64)
 
 
+def callback_members(cbs: list[dict]) -> dict[str, tuple[dict, str, dict]]:
+    """``{member name: (callback dict, array name, {"shape", "dtype"})}`` of validated callback entries."""
+    return {f"cb.{d['position']}.{n}": (d, n, s) for d in cbs for n, s in d["arrays"].items()}
+
+
 def _read_callback_arrays(arc: Archive, cbs: list[dict], budget: int) -> list[dict[str, Any]]:
-    declared = {f"cb.{d['position']}.{n}": (d, n, s) for d in cbs for n, s in d["arrays"].items()}
+    declared = callback_members(cbs)
     present = {k for k in arc.members if k.startswith("cb.")}
     _check(present <= set(declared), arc, f"has callback arrays {sorted(present - set(declared))[:5]} that "
                                           "no callback state declares")

@@ -539,7 +539,23 @@ def load_model(path: "str | os.PathLike", backend: str = "auto"):
     """
     with Archive(path) as arc:
         arc.check_marker()
+        check_members(arc)
         return build_model(arc, arc.config(), backend)
+
+
+def check_members(arc: Archive) -> None:
+    """Every member is one this file's optimiser / checkpoint parts declare (no strays)."""
+    arc.optimizer_header()
+    extra = [k for k in arc.members if k in _CHECKPOINT_MEMBERS or k.startswith("cb.")]
+    if extra:
+        from .checkpoint import _read_run, callback_members
+
+        if "checkpoint" not in arc:
+            raise arc._err(f"has checkpoint members {sorted(extra)[:5]} but no 'checkpoint' description")
+        declared = set(callback_members(_read_run(arc)["callbacks"]))
+        stray = sorted(k for k in extra if k.startswith("cb.") and k not in declared)
+        if stray:
+            raise arc._err(f"has callback arrays {stray[:5]} that no callback state declares")
 
 
 def load_optimizer(path: "str | os.PathLike"):
