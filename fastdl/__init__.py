@@ -16,13 +16,13 @@ from .gradcheck import GradcheckReport, gradcheck
 from .io import ModelFileError, load_model as load
 from .layers import BatchNorm, Dense, Dropout, Identity, ReLU, Sigmoid, Tanh
 from .model import Sequential
-from .optim import SGD, Adam, Momentum, Optimizer, RMSprop
+from .optim import SGD, Adam, ClassicalMomentum, Momentum, Optimizer, RMSprop
 from .search import Choice, IntUniform, LogUniform, OneMinusLogUniform, SearchResult, Uniform, search
 from .smoothing import EWA, ewa
 from .training import History, TrainingDiverged
 
 __all__ = [
-    "Adam", "BatchNorm", "Callback", "Dense", "Dropout", "EarlyStopping", "GradcheckReport", "History",
+    "Adam", "BatchNorm", "Callback", "ClassicalMomentum", "Dense", "Dropout", "EarlyStopping", "GradcheckReport", "History",
     "Identity", "ModelFileError", "Momentum", "Optimizer", "RMSprop", "ReLU", "SGD", "Sequential", "Sigmoid",
     "Tanh", "TrainingDiverged", "backends", "data", "datasets", "get_backend", "gradcheck", "load",
     "schedules",

@@ -1,4 +1,4 @@
-"""Gradient checking (SPEC.md "Gradient checking"): a debugging tool, never run in training."""
+"""Gradient checking (docs/spec.md "Gradient checking"): a debugging tool, never run in training."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -51,12 +51,15 @@ class GradcheckReport:
 
 
 def gradcheck(model, X, y, *, eps: float = 1e-7, max_per_array: int | None = None,
-              seed: int = 0) -> GradcheckReport:
+              seed: int = 0, sample_weight=None) -> GradcheckReport:
     """Compare backprop gradients with two-sided finite differences of ``J``.
 
     Runs on a float64 copy of ``model`` (same backend) with dropout off and
     the L2 term on; the model itself is not modified. BatchNorm uses batch
-    statistics (training mode), as in the cost being differentiated.
+    statistics (training mode), as in the cost being differentiated. A
+    ``precision='bf16'`` model is checked through its float64 copy, which
+    runs full-precision GEMMs: bf16 rounding is not differentiable, and the
+    check is about the gradient formulas, which are the same.
 
     Parameters
     ----------
@@ -65,17 +68,20 @@ def gradcheck(model, X, y, *, eps: float = 1e-7, max_per_array: int | None = Non
     max_per_array : int, optional
         Check at most this many randomly chosen entries of each parameter
         array (all by default: two forward passes per parameter).
+    sample_weight : array (m,), optional
+        Per-example weights of ``J`` (as in ``compute_gradients``).
     """
-    m64 = model.copy(dtype="float64")
+    m64 = model.copy(dtype="float64", precision="fp32")
     X = m64.check_X(X)
     y = m64.check_y(y, X.shape[0])
+    w = m64.check_sample_weight(sample_weight, X.shape[0])
     state0 = m64.state.copy()
 
     def cost() -> float:
         # Running statistics must not drift between evaluations (they do not enter J,
         # but keep the copy's state identical for every call anyway).
         m64.state[...] = state0
-        return m64.compute_gradients(X, y, dropout=False)
+        return m64.compute_gradients(X, y, dropout=False, sample_weight=w)
 
     cost()
     exact_all = m64.grads.copy()

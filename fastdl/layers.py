@@ -1,55 +1,24 @@
-"""Layers: they know shapes and which kernels to call; kernels know arithmetic.
+"""Layers: declarations (shapes, parameter and state specs, configuration, initialisation).
 
-A layer's trainable arrays (``W``, ``b``, ``gamma``, ``beta``) are views into
-the model's flat ``params`` vector and its gradients (``dW``...) views into
-``grads``; BatchNorm's running statistics are views into the model's flat
-``state``. Layers never allocate in a training step: their work buffers come
-from ``allocate`` once per batch size.
+A model compiles its layers into an execution plan (:mod:`fastdl.plan`) and
+an executor runs the plan through the kernels (:mod:`fastdl.executors`):
+layers hold no work buffers and call no kernels. A layer's trainable arrays
+(``W``, ``b``, ``gamma``, ``beta``) are views into the model's flat
+``params`` vector and its gradients (``dW``...) views into ``grads``;
+BatchNorm's running statistics are views into the model's flat ``state``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from ._validation import check_choice, check_positive, check_unit_interval
-from .backends.contract import ACTIVATION_CODES, IDENTITY
+from .backends.contract import ACTIVATION_CODES
 from .initializers import INITS, init_weights
 
-EMPTY_1D: dict[np.dtype, np.ndarray] = {}
-EMPTY_2D: dict[np.dtype, np.ndarray] = {}
-
-
-def _empty1(dtype) -> np.ndarray:
-    dt = np.dtype(dtype)
-    if dt not in EMPTY_1D:
-        EMPTY_1D[dt] = np.empty(0, dtype=dt)
-    return EMPTY_1D[dt]
-
-
-def _empty2(dtype) -> np.ndarray:
-    dt = np.dtype(dtype)
-    if dt not in EMPTY_2D:
-        EMPTY_2D[dt] = np.empty((0, 0), dtype=dt)
-    return EMPTY_2D[dt]
-
-
-@dataclass
-class StepContext:
-    """What a forward pass needs to know besides the data."""
-
-    training: bool
-    dropout: bool  # apply dropout (training and not switched off for gradcheck)
-    seed: int
-    step: int
-    l2_over_m: float = 0.0
-    #: a fastdl.distributed.Communicator: BatchNorm synchronises its batch statistics over it (None: local)
-    comm: Any = None
-
-
 class Layer:
-    """Base class. Subclasses declare arrays and call kernels."""
+    """Base class. Subclasses declare their arrays, widths, configuration and initial values."""
 
     #: (name, shape) of trainable arrays in flat order, set by subclasses.
     def param_specs(self) -> list[tuple[str, tuple[int, ...]]]:
@@ -84,16 +53,6 @@ class Layer:
     def initialize(self, seed: int, index: int) -> None:
         """Set initial parameter values (deterministic in seed, index)."""
 
-    def allocate(self, m: int, n_in: int, dtype: np.dtype, need_dx: bool) -> dict[str, np.ndarray]:
-        return {}
-
-    def forward(self, K, x: np.ndarray, buf: dict, ctx: StepContext) -> np.ndarray:
-        raise NotImplementedError
-
-    def backward(self, K, x: np.ndarray, out: np.ndarray, dout: np.ndarray, buf: dict,
-                 ctx: StepContext, need_dx: bool) -> np.ndarray | None:
-        raise NotImplementedError
-
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
         return f"{type(self).__name__}({args})"
@@ -117,8 +76,6 @@ class Dense(Layer):
         self.n_out = check_positive("n_out", n_out, integer=True)
         self.init = check_choice("init", init, INITS)
         self.use_bias = bool(use_bias)
-        #: activation fused into this layer by the model (an activation layer right after it)
-        self.activation = IDENTITY
 
     def param_specs(self):
         specs = [("W", (self.n_in, self.n_out))]
@@ -139,24 +96,6 @@ class Dense(Layer):
         init_weights(self.init, self.W, seed, index)
         if self.use_bias:
             self.b[...] = 0
-
-    def allocate(self, m, n_in, dtype, need_dx):
-        buf = {"out": np.empty((m, self.n_out), dtype)}
-        if need_dx:
-            buf["dx"] = np.empty((m, self.n_in), dtype)
-        return buf
-
-    def forward(self, K, x, buf, ctx):
-        b = self.b if self.use_bias else _empty1(x.dtype)
-        K.dense_forward(x, self.W, b, self.activation, buf["out"])
-        return buf["out"]
-
-    def backward(self, K, x, out, dout, buf, ctx, need_dx):
-        db = self.db if self.use_bias else _empty1(x.dtype)
-        dx = buf["dx"] if need_dx else _empty2(x.dtype)
-        # dZ overwrites dout in place (allowed by the contract): dout is consumed here.
-        K.dense_backward(x, self.W, out, dout, self.activation, ctx.l2_over_m, dout, self.dW, db, dx)
-        return buf["dx"] if need_dx else None
 
 
 class BatchNorm(Layer):
@@ -191,108 +130,14 @@ class BatchNorm(Layer):
         self.running_mean[...] = 0
         self.running_var[...] = 1
 
-    def allocate(self, m, n_in, dtype, need_dx):
-        n = self.n_features
-        buf = {"out": np.empty((m, n), dtype), "mean": np.empty(n, dtype), "inv_std": np.empty(n, dtype)}
-        if need_dx:
-            buf["dx"] = np.empty((m, n), dtype)
-        return buf
-
-    def forward(self, K, x, buf, ctx):
-        if ctx.training and ctx.comm is not None:
-            self._sync_forward(x, buf, ctx.comm)
-        elif ctx.training:
-            K.batchnorm_forward_train(x, self.gamma, self.beta, self.eps, self.momentum,
-                                      self.running_mean, self.running_var, buf["mean"], buf["inv_std"],
-                                      buf["out"])
-        else:
-            K.batchnorm_forward_infer(x, self.gamma, self.beta, self.running_mean, self.running_var,
-                                      self.eps, buf["out"])
-        return buf["out"]
-
-    def backward(self, K, x, out, dout, buf, ctx, need_dx):
-        # dZ is needed even for a first layer: dgamma/dbeta come from the same kernel.
-        dx = buf["dx"] if need_dx else dout
-        if ctx.comm is not None:
-            self._sync_backward(x, dout, dx, buf, ctx.comm)
-        else:
-            K.batchnorm_backward(x, self.gamma, buf["mean"], buf["inv_std"], dout, dx, self.dgamma, self.dbeta)
-        return buf["dx"] if need_dx else None
-
-    # Synchronised BatchNorm (data-parallel training, fastdl.distributed): the statistics of the
-    # GLOBAL batch from one all-reduce of per-feature sums in forward and one in backward. NumPy,
-    # float64 sums; accepts 0-row shards (a rank with no rows still takes part in the collectives).
-    def _sync_forward(self, x, buf, comm) -> None:
-        n = self.n_features
-        # Shifted sums (shift = running mean, identical on every rank and close to the batch mean)
-        # avoid the cancellation of sum(x^2)/M - mean^2.
-        shift = self.running_mean.astype(np.float64)
-        d = x.astype(np.float64) - shift
-        red = np.empty(2 * n + 1, np.float64)
-        d.sum(axis=0, out=red[:n])
-        np.einsum("ij,ij->j", d, d, out=red[n:2 * n])
-        red[2 * n] = x.shape[0]
-        comm.allreduce(red)
-        count = red[2 * n]
-        dmu = red[:n] / count
-        mu = shift + dmu
-        var = np.maximum(red[n:2 * n] / count - dmu * dmu, 0.0)
-        inv_std = 1.0 / np.sqrt(var + self.eps)
-        buf["mean"][...] = mu
-        buf["inv_std"][...] = inv_std
-        buf["count"] = count
-        self.running_mean[...] = self.momentum * self.running_mean + (1 - self.momentum) * mu
-        self.running_var[...] = self.momentum * self.running_var + (1 - self.momentum) * var
-        if x.shape[0]:
-            d -= dmu  # x - mu
-            d *= self.gamma * inv_std
-            d += self.beta
-            buf["out"][...] = d
-
-    def _sync_backward(self, x, dout, dx, buf, comm) -> None:
-        n = self.n_features
-        x_hat = (x.astype(np.float64) - buf["mean"]) * buf["inv_std"]
-        dy = dout.astype(np.float64)
-        red = np.empty(2 * n, np.float64)
-        dy.sum(axis=0, out=red[:n])
-        np.einsum("ij,ij->j", dy, x_hat, out=red[n:])
-        # this rank's share of dbeta/dgamma: the all-reduce of model.grads adds the others'
-        self.dbeta[...] = red[:n]
-        self.dgamma[...] = red[n:]
-        comm.allreduce(red)
-        if x.shape[0]:
-            count = buf["count"]
-            x_hat *= red[n:]
-            x_hat += red[:n]
-            dy *= count
-            dy -= x_hat
-            dy *= self.gamma.astype(np.float64) * buf["inv_std"] / count
-            dx[...] = dy
-
 
 class Activation(Layer):
-    """Element-wise activation. Fused into a preceding Dense layer when possible."""
+    """Element-wise activation. Fused into a preceding Dense layer when possible (``fastdl.plan``)."""
 
     name = "identity"
 
     def __init__(self):
         self.code = ACTIVATION_CODES[self.name]
-
-    def allocate(self, m, n_in, dtype, need_dx):
-        buf = {"out": np.empty((m, n_in), dtype)}
-        if need_dx:
-            buf["dx"] = np.empty((m, n_in), dtype)
-        return buf
-
-    def forward(self, K, x, buf, ctx):
-        K.activation_forward(x, self.code, buf["out"])
-        return buf["out"]
-
-    def backward(self, K, x, out, dout, buf, ctx, need_dx):
-        if not need_dx:
-            return None
-        K.activation_backward(out, dout, self.code, buf["dx"])
-        return buf["dx"]
 
 
 class ReLU(Activation):
@@ -346,33 +191,9 @@ class Dropout(Layer):
             rate = check_unit_interval("rate", rate, closed_right=False, open_left=False)
             keep_prob = 1.0 - rate
         self.keep_prob = check_unit_interval("keep_prob", keep_prob)
-        self.index = 0  # position in the model, set by the model (part of the mask key)
 
     def get_config(self):
         return {"keep_prob": self.keep_prob}
-
-    def allocate(self, m, n_in, dtype, need_dx):
-        if self.keep_prob == 1.0:
-            return {}
-        buf = {"out": np.empty((m, n_in), dtype), "mask": np.empty((m, n_in), np.uint8)}
-        if need_dx:
-            buf["dx"] = np.empty((m, n_in), dtype)
-        return buf
-
-    def forward(self, K, x, buf, ctx):
-        buf["active"] = ctx.dropout and self.keep_prob < 1.0
-        if not buf["active"]:
-            return x
-        K.dropout_forward(x, self.keep_prob, ctx.seed, ctx.step, self.index, buf["mask"], buf["out"])
-        return buf["out"]
-
-    def backward(self, K, x, out, dout, buf, ctx, need_dx):
-        if not need_dx:
-            return None
-        if not buf.get("active"):
-            return dout
-        K.dropout_backward(dout, buf["mask"], self.keep_prob, buf["dx"])
-        return buf["dx"]
 
 
 LAYER_TYPES: dict[str, type[Layer]] = {

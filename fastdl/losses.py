@@ -22,19 +22,18 @@ class Loss:
     def prepare_targets(self, y, m: int, n_out: int, dtype: np.dtype) -> np.ndarray:
         raise NotImplementedError
 
-    def __call__(self, K, Z: np.ndarray, y: np.ndarray, dZ: np.ndarray) -> float:
-        """Mean loss over the rows of ``Z``; writes ``dZ`` unless it is empty."""
-        return getattr(K, self.kernel)(Z, y, dZ)
+    def __call__(self, K, Z: np.ndarray, y: np.ndarray, dZ: np.ndarray, w: np.ndarray | None = None) -> float:
+        """Mean (with float64 weights ``w``: weighted mean) loss over the rows of ``Z``; writes ``dZ``
+        unless it is empty. Training runs the loss through the plan (``fastdl.plan.LOSS_KERNELS``)."""
+        if w is None:
+            return getattr(K, self.kernel)(Z, y, dZ)
+        return getattr(K, self.kernel)(Z, y, dZ, w)
 
     def proba(self, K, Z: np.ndarray) -> np.ndarray:
         raise TypeError(f"loss {self.name!r} has no class probabilities")
 
     def predict_from_outputs(self, Z: np.ndarray) -> np.ndarray:
         raise NotImplementedError
-
-    def count_errors(self, Z: np.ndarray, y: np.ndarray, pred: np.ndarray, wrong: np.ndarray) -> int:
-        """Misclassified rows, using the caller's int64 ``pred`` and bool ``wrong`` buffers (no allocation)."""
-        raise TypeError(f"loss {self.name!r} has no classification error")
 
 
 class SoftmaxCrossEntropy(Loss):
@@ -57,11 +56,6 @@ class SoftmaxCrossEntropy(Loss):
     def predict_from_outputs(self, Z):
         return Z.argmax(axis=1)
 
-    def count_errors(self, Z, y, pred, wrong):
-        Z.argmax(axis=1, out=pred)   # ndarray methods and ufuncs: no Python-level wrappers per step
-        np.not_equal(pred, y, out=wrong)
-        return int(wrong.sum())
-
 
 class BinaryCrossEntropy(Loss):
     name = "binary_cross_entropy"
@@ -81,11 +75,6 @@ class BinaryCrossEntropy(Loss):
 
     def predict_from_outputs(self, Z):
         return (Z[:, 0] > 0).astype(np.int64)
-
-    def count_errors(self, Z, y, pred, wrong):
-        np.greater(Z[:, 0], 0, out=wrong)
-        np.not_equal(wrong, y, out=wrong)
-        return int(np.count_nonzero(wrong))
 
 
 class MeanSquaredError(Loss):

@@ -1,7 +1,8 @@
-"""Optimisers over the flat parameter vector (SPEC.md "Optimisers").
+"""Optimisers over the flat parameter vector (docs/spec.md "Optimisers").
 
-Each optimiser owns its state arrays (same size and dtype as ``params``) and
-calls ONE fused kernel per step. ``t`` counts updates from 1.
+Each optimiser owns its state arrays (same size and dtype as ``params``),
+computes its per-step coefficients with :mod:`fastdl.plan` and calls ONE fused
+kernel per step. ``t`` counts updates from 1.
 """
 from __future__ import annotations
 
@@ -11,18 +12,58 @@ import numpy as np
 
 from ._validation import check_positive, check_unit_interval
 from .backends import Backend, get_backend
+from .plan import (OPT_ADAM, OPT_CLASSICAL_MOMENTUM, OPT_MOMENTUM, OPT_NESTEROV, OPT_RMSPROP, OPT_SGD,
+                   OptimizerSpec, step_scalars)
+
+
+# TEMPORARY SHIM (P1, board 22:13): until the numba and cython backends port their optimiser
+# kernels to the new contract signatures (board 22:24: coefficients c1/c2 computed by the caller),
+# a kernel that still has the old signature is called the old way. Detected once per function.
+# Delete with _legacy_update once no backend has a kernel without a `c1` parameter.
+_NEW_SIGNATURE: dict[int, bool] = {}
+
+
+def _is_new(fn) -> bool:
+    new = _NEW_SIGNATURE.get(id(fn))
+    if new is None:
+        import inspect
+
+        try:
+            new = "c1" in inspect.signature(fn).parameters
+        except (TypeError, ValueError):  # no introspectable signature: assume the current contract
+            new = True
+        _NEW_SIGNATURE[id(fn)] = new
+    return new
 
 
 class Optimizer:
-    """Base class: ``step(params, grads)`` updates ``params`` in place."""
+    """Base class: ``step(params, grads)`` updates ``params`` in place.
+
+    An optimiser is its hyperparameters (:meth:`spec`, a
+    :class:`fastdl.plan.OptimizerSpec`), a step count ``t`` and state arrays
+    (``state``: e.g. Adam's ``v`` and ``s``, same size and dtype as
+    ``params``). Each step computes its coefficients once
+    (:func:`fastdl.plan.step_scalars`) and calls ONE fused kernel.
+    """
 
     state_names: tuple[str, ...] = ()
+    kind: int = OPT_SGD
 
     def __init__(self, lr: float, backend: "str | Backend | None" = None):
         self.lr = check_positive("lr", lr)
         self.t = 0
         self.backend = backend
         self.state: dict[str, np.ndarray] = {}
+
+    def spec(self) -> OptimizerSpec:
+        """The optimiser as data (kind + hyperparameters) for executors."""
+        return OptimizerSpec(self.kind, self._hyper(), self._bias_correction())
+
+    def _hyper(self) -> tuple[float, float, float]:
+        return (0.0, 0.0, 0.0)
+
+    def _bias_correction(self) -> bool:
+        return False
 
     # -- state ------------------------------------------------------------
     def _kernels(self) -> Backend:
@@ -45,6 +86,14 @@ class Optimizer:
             elif arr.dtype != params.dtype:
                 self.state[name] = arr.astype(params.dtype)
 
+    def ensure_state(self, params: np.ndarray, grads: np.ndarray | None = None) -> list[np.ndarray]:
+        """Allocate (or check) the state arrays for ``params``; returns them in ``spec().state_names`` order.
+
+        For executors that run the optimiser kernel themselves (whole-epoch executors).
+        """
+        self._ensure_state(params, params if grads is None else grads)
+        return [self.state[name] for name in self.state_names]
+
     def reset(self) -> None:
         """Forget the step count and moment estimates."""
         self.t = 0
@@ -53,10 +102,13 @@ class Optimizer:
     def step(self, params: np.ndarray, grads: np.ndarray, lr: float | None = None) -> None:
         """Apply one update with learning rate ``lr`` (default ``self.lr``)."""
         self._ensure_state(params, grads)
+        lr = self.lr if lr is None else lr
+        c1, c2 = step_scalars(self.spec(), lr, self.t + 1)
         self.t += 1
-        self._update(self._kernels(), params, grads, self.lr if lr is None else lr)
+        K = self._kernels().unchecked
+        self._update(K, params, grads, c1, c2, lr)
 
-    def _update(self, K: Backend, params, grads, lr: float) -> None:
+    def _update(self, K, params, grads, c1: float, c2: float, lr: float) -> None:
         raise NotImplementedError
 
     # -- serialisation ----------------------------------------------------
@@ -82,55 +134,117 @@ class Optimizer:
 class SGD(Optimizer):
     """Plain gradient descent: ``W -= lr * dW``."""
 
+    kind = OPT_SGD
+
     def __init__(self, lr: float = 0.01, backend=None):
         super().__init__(lr, backend)
 
-    def _update(self, K, params, grads, lr):
-        K.sgd_step(params, grads, lr)
+    def _update(self, K, params, grads, c1, c2, lr):
+        K.sgd_step(params, grads, c1)
 
 
 class Momentum(Optimizer):
-    """Gradient descent with momentum (EWA form): ``v = beta v + (1-beta) dW; W -= lr v``.
+    """Gradient descent with momentum (the course's EWA form): ``v = beta v + (1-beta) dW; W -= lr v``.
 
     PyTorch's ``SGD(momentum=beta)`` uses ``v = beta v + dW``: the same up to
     ``lr`` scaled by ``1 - beta``. ``bias_correction`` divides by ``1 - beta^t``.
+    scikit-learn's momentum (``v = mu v - lr dW``, optionally Nesterov) is
+    :class:`ClassicalMomentum`.
     """
 
     state_names = ("v",)
+    kind = OPT_MOMENTUM
 
     def __init__(self, lr: float = 0.01, beta: float = 0.9, bias_correction: bool = False, backend=None):
         super().__init__(lr, backend)
         self.beta = check_unit_interval("beta", beta, closed_right=False, open_left=False)
         self.bias_correction = bool(bias_correction)
 
+    def _hyper(self):
+        return (self.beta, 0.0, 0.0)
+
+    def _bias_correction(self):
+        return self.bias_correction
+
     def get_config(self):
         return {"lr": self.lr, "beta": self.beta, "bias_correction": self.bias_correction}
 
-    def _update(self, K, params, grads, lr):
-        K.momentum_step(params, grads, self.state["v"], lr, self.beta, self.t, self.bias_correction)
+    def _update(self, K, params, grads, c1, c2, lr):
+        if _is_new(K.momentum_step):
+            K.momentum_step(params, grads, self.state["v"], self.beta, c1)
+        else:  # TEMPORARY SHIM: old signature (see _is_new)
+            K.momentum_step(params, grads, self.state["v"], lr, self.beta, self.t, self.bias_correction)
+
+
+class ClassicalMomentum(Optimizer):
+    """scikit-learn's SGD momentum: ``v = mu v - lr dW``; ``W += mu v - lr dW`` (Nesterov) or ``W += v``.
+
+    The rule of ``MLPClassifier(solver='sgd', momentum=mu, nesterovs_momentum=...)``
+    (docs/spec.md "Optimisers"). It is not the course's EWA form (:class:`Momentum`):
+    here ``v`` accumulates ``lr``-scaled gradients without the ``1 - mu`` factor.
+
+    Parameters
+    ----------
+    lr : float
+        Learning rate (scikit-learn's ``learning_rate_init`` times its schedule).
+    momentum : float in [0, 1)
+        ``mu``; 0 is plain gradient descent.
+    nesterov : bool
+        Nesterov's accelerated gradient (scikit-learn's default ``nesterovs_momentum=True``).
+    """
+
+    state_names = ("v",)
+
+    def __init__(self, lr: float = 0.001, momentum: float = 0.9, nesterov: bool = True, backend=None):
+        super().__init__(lr, backend)
+        self.momentum = check_unit_interval("momentum", momentum, closed_right=False, open_left=False)
+        self.nesterov = bool(nesterov)
+
+    @property
+    def kind(self) -> int:  # type: ignore[override]
+        return OPT_NESTEROV if self.nesterov else OPT_CLASSICAL_MOMENTUM
+
+    def _hyper(self):
+        return (self.momentum, 0.0, 0.0)
+
+    def get_config(self):
+        return {"lr": self.lr, "momentum": self.momentum, "nesterov": self.nesterov}
+
+    def _update(self, K, params, grads, c1, c2, lr):
+        K.nesterov_step(params, grads, self.state["v"], self.momentum, c1, self.nesterov)
 
 
 class RMSprop(Optimizer):
     """``s = beta2 s + (1-beta2) dW^2; W -= lr dW / (sqrt(s) + eps)``."""
 
     state_names = ("s",)
+    kind = OPT_RMSPROP
 
     def __init__(self, lr: float = 0.001, beta2: float = 0.999, eps: float = 1e-8, backend=None):
         super().__init__(lr, backend)
         self.beta2 = check_unit_interval("beta2", beta2, closed_right=False, open_left=False)
         self.eps = check_positive("eps", eps)
 
+    def _hyper(self):
+        return (0.0, self.beta2, self.eps)
+
     def get_config(self):
         return {"lr": self.lr, "beta2": self.beta2, "eps": self.eps}
 
-    def _update(self, K, params, grads, lr):
-        K.rmsprop_step(params, grads, self.state["s"], lr, self.beta2, self.eps)
+    def _update(self, K, params, grads, c1, c2, lr):
+        K.rmsprop_step(params, grads, self.state["s"], c1, self.beta2, self.eps)
 
 
 class Adam(Optimizer):
-    """Adam with bias correction (SPEC.md); defaults lr 1e-3, betas 0.9/0.999, eps 1e-8."""
+    """Adam with bias correction (docs/spec.md "Optimisers"); defaults lr 1e-3, betas 0.9/0.999, eps 1e-8.
+
+    ``W -= c1 v / (sqrt(c2 s) + eps)`` with ``c1 = lr/(1-beta1^t)``, ``c2 = 1/(1-beta2^t)``: ``eps``
+    is added to the bias-corrected ``sqrt(s_hat)`` (the course and PyTorch; scikit-learn adds it
+    to ``sqrt(s)``, which differs slightly early in training).
+    """
 
     state_names = ("v", "s")
+    kind = OPT_ADAM
 
     def __init__(self, lr: float = 0.001, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
                  backend=None):
@@ -139,19 +253,26 @@ class Adam(Optimizer):
         self.beta2 = check_unit_interval("beta2", beta2, closed_right=False, open_left=False)
         self.eps = check_positive("eps", eps)
 
+    def _hyper(self):
+        return (self.beta1, self.beta2, self.eps)
+
     def get_config(self):
         return {"lr": self.lr, "beta1": self.beta1, "beta2": self.beta2, "eps": self.eps}
 
-    def _update(self, K, params, grads, lr):
-        K.adam_step(params, grads, self.state["v"], self.state["s"], lr, self.beta1, self.beta2,
-                    self.eps, self.t)
+    def _update(self, K, params, grads, c1, c2, lr):
+        if _is_new(K.adam_step):
+            K.adam_step(params, grads, self.state["v"], self.state["s"], self.beta1, self.beta2, self.eps, c1, c2)
+        else:  # TEMPORARY SHIM: old signature (see _is_new)
+            K.adam_step(params, grads, self.state["v"], self.state["s"], lr, self.beta1, self.beta2, self.eps,
+                        self.t)
 
 
-OPTIMIZERS: dict[str, type[Optimizer]] = {"sgd": SGD, "momentum": Momentum, "rmsprop": RMSprop, "adam": Adam}
+OPTIMIZERS: dict[str, type[Optimizer]] = {"sgd": SGD, "momentum": Momentum, "rmsprop": RMSprop, "adam": Adam,
+                                          "classical_momentum": ClassicalMomentum}
 
 
 def get_optimizer(name: str, **kwargs) -> Optimizer:
-    """Build an optimiser by name ('sgd', 'momentum', 'rmsprop', 'adam')."""
+    """Build an optimiser by name ('sgd', 'momentum', 'rmsprop', 'adam', 'classical_momentum')."""
     key = name.lower()
     if key not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; choose one of {sorted(OPTIMIZERS)}")

@@ -93,6 +93,10 @@ N_H = 3
 # l2 scale codes
 L2_BATCH, L2_DATASET = 0, 1
 
+#: the loss kernel of the contract that each LOSS_* code runs
+LOSS_KERNELS = {LOSS_SOFTMAX_CE: "softmax_cross_entropy", LOSS_SIGMOID_BCE: "sigmoid_bce", LOSS_MSE: "mse"}
+MAX_CACHED_LAYOUTS = 16
+
 
 @dataclass(frozen=True)
 class OpSpec:
@@ -139,8 +143,9 @@ def step_coefficients(spec: OptimizerSpec, lrs: np.ndarray, t0: int) -> tuple[np
     """Per-step scalars ``(c1, c2)`` for steps ``t0+1 .. t0+len(lrs)`` (see the module docstring).
 
     The ONE place that turns a learning rate and a step count into what the
-    optimiser kernels take; the per-layer executor calls it with one step,
-    the epoch executors with a whole epoch.
+    optimiser kernels take: the epoch executors call it with a whole epoch,
+    ``Optimizer.step`` with one step through :func:`step_scalars` (the same
+    formulas on Python floats: the same bits, without array overhead per step).
     """
     lrs = np.asarray(lrs, np.float64)
     n = lrs.size
@@ -153,6 +158,21 @@ def step_coefficients(spec: OptimizerSpec, lrs: np.ndarray, t0: int) -> tuple[np
     else:
         c1 = lrs.copy()
     return c1, c2
+
+
+def step_scalars(spec: OptimizerSpec, lr: float, t: int) -> tuple[float, float]:
+    """``(c1, c2)`` of the single step ``t`` (counted from 1): :func:`step_coefficients` for one step.
+
+    Python float arithmetic is IEEE double arithmetic, so each value has the
+    same bits as the corresponding entry of ``step_coefficients(spec, [lr], t - 1)``
+    (``tests/test_plan.py`` checks it).
+    """
+    lr = float(lr)
+    if spec.kind == OPT_ADAM:
+        return lr / (1.0 - spec.hyper[H_BETA1] ** t), 1.0 / (1.0 - spec.hyper[H_BETA2] ** t)
+    if spec.kind == OPT_MOMENTUM and spec.bias_correction:
+        return lr / (1.0 - spec.hyper[H_BETA1] ** t), 0.0
+    return lr, 0.0
 
 
 @dataclass(frozen=True)
@@ -221,6 +241,8 @@ class Plan:
                 ws += B * op.n_in
         # the loss gradient (B x n_outputs) lives at the end of the workspace
         lay = Layout(B, iprog, fprog, ws + B * self.n_outputs, mask)
+        if len(self._layouts) >= MAX_CACHED_LAYOUTS:  # inference on many input sizes must not grow memory
+            self._layouts.clear()
         self._layouts[batch_size] = lay
         return lay
 

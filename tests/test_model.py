@@ -36,6 +36,10 @@ def make_data(m=40, n=5, k=3, seed=0):
     return X, y
 
 
+def _dense(model):
+    return [layer for layer in model.layers if isinstance(layer, fd.Dense)]
+
+
 def mlp(n=5, h=8, k=3, *, bn=False, keep_prob=1.0, act=fd.ReLU, **kw):
     layers = [fd.Dense(n, h, use_bias=not bn)]
     if bn:
@@ -103,7 +107,7 @@ def test_flat_params_are_shared_views_in_order():
 def test_initialisation():
     model = fd.Sequential([fd.Dense(400, 300), fd.ReLU(), fd.Dense(300, 200, init="xavier"), fd.Tanh(),
                            fd.Dense(200, 10, init="lecun")], backend=B, seed=3)
-    d0, d1, d2 = model._dense
+    d0, d1, d2 = _dense(model)
     assert d0.W.std() == pytest.approx(math.sqrt(2 / 400), rel=0.03)
     assert d1.W.std() == pytest.approx(math.sqrt(2 / 500), rel=0.03)
     assert d2.W.std() == pytest.approx(math.sqrt(1 / 200), rel=0.05)
@@ -112,7 +116,7 @@ def test_initialisation():
                           fd.Dense(200, 10, init="lecun")], backend=B, seed=3)
     np.testing.assert_array_equal(model.params, same.params)
     other = fd.Sequential([fd.Dense(400, 300)], backend=B, seed=4, loss="mse")
-    assert not np.array_equal(other._dense[0].W, d0.W)
+    assert not np.array_equal(_dense(other)[0].W, d0.W)
     bnm = mlp(bn=True)
     bn = bnm.layers[1]
     assert np.all(bn.gamma == 1) and np.all(bn.beta == 0)
@@ -134,8 +138,8 @@ def test_activation_fusion_matches_unfused(act):
     # An Identity in between stops the fusion: the activation runs as its own op.
     unfused = fd.Sequential([fd.Dense(5, 6), fd.Identity(), act(), fd.Dense(6, 3)], backend=B, seed=1,
                             l2=0.1, dtype="float64")
-    assert len(fused._ops) == 2 and len(unfused._ops) == 3
-    assert fused.layers[0].activation == act().code
+    assert len(fused.plan.ops) == 2 and len(unfused.plan.ops) == 3
+    assert fused.plan.ops[0].act == act().code and unfused.plan.ops[0].act == 0
     unfused.params[...] = fused.params
     np.testing.assert_allclose(fused.decision_function(X), unfused.decision_function(X), rtol=1e-13)
     J1 = fused.compute_gradients(X, y)
@@ -149,7 +153,7 @@ def test_batchnorm_path_matches_numpy():
     X, y = make_data(16, 5, 3, seed=2)
     X = X.astype(np.float64)
     model = mlp(bn=True, dtype="float64", seed=2)
-    assert len(model._ops) == 4  # the ReLU after BatchNorm is not fused
+    assert len(model.plan.ops) == 4  # the ReLU after BatchNorm is not fused
     d0, bn, _, d1 = model.layers
     bn.gamma[...] = [0.5, 1, 1.5, 2, 1, 1, 0.7, 1.2]
     bn.beta[...] = np.linspace(-1, 1, 8)
@@ -179,7 +183,7 @@ def test_compute_gradients_includes_l2_term(dtype):
     plain = model.copy()
     plain.l2 = 0.0
     J = model.compute_gradients(X, y)
-    sum_w2 = sum(float(np.sum(d.W.astype(np.float64) ** 2)) for d in model._dense)
+    sum_w2 = sum(float(np.sum(d.W.astype(np.float64) ** 2)) for d in _dense(model))
     data_loss = model.evaluate(X, y)["loss"]
     rtol = 1e-5 if dtype == "float32" else 1e-12
     assert J == pytest.approx(data_loss + lam / (2 * 20) * sum_w2, rel=rtol)
@@ -202,7 +206,7 @@ def test_l2_not_applied_to_batchnorm_params():
     model.layers[1].gamma[...] = 3.0
     plain.layers[1].gamma[...] = 3.0
     J, J0 = model.compute_gradients(X, y), plain.compute_gradients(X, y)
-    ss = sum(np.sum(d.W ** 2) for d in model._dense)
+    ss = sum(np.sum(d.W ** 2) for d in _dense(model))
     assert J - J0 == pytest.approx(2.0 / 40 * ss, rel=1e-10)
     np.testing.assert_allclose(model.layers[1].dgamma, plain.layers[1].dgamma, rtol=1e-10)
 
@@ -212,7 +216,7 @@ def test_l2_scale_dataset():
     lam, N = 0.5, 1000
     model = mlp(l2=lam, l2_scale="dataset", dtype="float64")
     batch = mlp(l2=lam, dtype="float64")
-    ss = sum(np.sum(d.W ** 2) for d in model._dense)
+    ss = sum(np.sum(d.W ** 2) for d in _dense(model))
     loss = model.evaluate(X, y)["loss"]
     assert model.compute_gradients(X, y, n_total=N) == pytest.approx(loss + lam / (2 * N) * ss, rel=1e-12)
     g_dataset = model.grads.copy()

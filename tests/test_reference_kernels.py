@@ -1,6 +1,6 @@
 """The NumPy reference backend against independent, straightforward computations.
 
-Every expected value here is written out from SPEC.md (loops or plain
+Every expected value here is written out from docs/spec.md (loops or plain
 formulas), not by calling the backend again, so a slip in the reference
 (the oracle of every compiled backend) shows up here.
 """
@@ -14,6 +14,7 @@ from threadpoolctl import threadpool_limits
 
 from fastdl.backends import reference as R
 from fastdl.backends.contract import IDENTITY, RELU, SIGMOID, TANH, dropout_key, keep_threshold
+from fastdl.plan import OPT_ADAM, OPT_MOMENTUM, OptimizerSpec, step_scalars
 
 DTYPES = [np.float32, np.float64]
 ACTS = [IDENTITY, RELU, TANH, SIGMOID]
@@ -398,6 +399,147 @@ def test_mse(dtype):
     np.testing.assert_allclose(dZ, (Yh.astype(np.float64) - Y) / m, **tol(dtype))
 
 
+# ----------------------------------------------------------------------------- weighted losses
+
+
+def _loss_case(kind, m, dtype, rng):
+    """(kernel, Z, y, per-row loss, per-row unit gradient) written out with Python floats."""
+    if kind == "softmax":
+        k = 4
+        Z = (2 * rng.standard_normal((m, k))).astype(dtype)
+        y = rng.integers(0, k, m).astype(np.int64)
+        rows = [[float(v) for v in Z[i]] for i in range(m)]
+        L = [logsumexp_row(r) - r[y[i]] for i, r in enumerate(rows)]
+        G = [[math.exp(r[j] - logsumexp_row(r)) - (j == y[i]) for j in range(k)] for i, r in enumerate(rows)]
+        return R.softmax_cross_entropy, Z, y, L, G
+    if kind == "bce":
+        Z = (3 * rng.standard_normal((m, 1))).astype(dtype)
+        y = rng.integers(0, 2, m).astype(dtype)
+        L, G = [], []
+        for i in range(m):
+            z, t = float(Z[i, 0]), float(y[i])
+            L.append(max(z, 0) - z * t + math.log1p(math.exp(-abs(z))))
+            G.append([1 / (1 + math.exp(-z)) - t])
+        return R.sigmoid_bce, Z, y, L, G
+    Z = rng.standard_normal((m, 3)).astype(dtype)
+    Y = rng.standard_normal((m, 3)).astype(dtype)
+    L = [0.5 * sum((float(Z[i, j]) - float(Y[i, j])) ** 2 for j in range(3)) for i in range(m)]
+    G = [[float(Z[i, j]) - float(Y[i, j]) for j in range(3)] for i in range(m)]
+    return R.mse, Z, Y, L, G
+
+
+@pytest.mark.parametrize("kind", ["softmax", "bce", "mse"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m", [1, 7])
+def test_weighted_losses(kind, dtype, m):
+    """loss = sum(w_i L_i)/sum(w); dZ_i = w_i/sum(w) * unit gradient (contract, scikit-learn's rule)."""
+    rng = np.random.default_rng(12 + m)
+    fn, Z, y, L, G = _loss_case(kind, m, dtype, rng)
+    w = rng.uniform(0.0, 3.0, m)
+    sw = math.fsum(w)
+    dZ = np.full(Z.shape, np.nan, dtype)
+    loss = fn(Z, y, dZ, w)
+    assert isinstance(loss, float)
+    assert loss == pytest.approx(math.fsum(wi * li for wi, li in zip(w, L)) / sw,
+                                 rel=1e-5 if dtype == np.float32 else 1e-12)
+    exp = np.array([[w[i] / sw * g for g in G[i]] for i in range(m)])
+    np.testing.assert_allclose(dZ, exp, rtol=1e-5 if dtype == np.float32 else 1e-12, atol=1e-7)
+    # no-gradient call: the same loss; unit weights: exactly the unweighted values
+    assert fn(Z, y, np.empty((0, 0), dtype), w) == pytest.approx(loss, rel=1e-15)
+    d1, d0 = np.empty_like(dZ), np.empty_like(dZ)
+    l1, l0 = fn(Z, y, d1, np.ones(m)), fn(Z, y, d0)
+    assert l1 == pytest.approx(l0, rel=1e-12)
+    np.testing.assert_allclose(d1, d0, rtol=1e-6 if dtype == np.float32 else 1e-14)
+    # an empty weight array means unweighted
+    de = np.empty_like(dZ)
+    assert fn(Z, y, de, np.empty(0)) == l0
+    np.testing.assert_array_equal(de, d0)
+
+
+@pytest.mark.parametrize("kind", ["softmax", "bce", "mse"])
+def test_weighted_losses_zero_weight_sum_contributes_nothing(kind):
+    fn, Z, y, _, _ = _loss_case(kind, 3, np.float64, np.random.default_rng(1))
+    dZ = np.full(Z.shape, np.nan)
+    assert fn(Z, y, dZ, np.zeros(3)) == 0.0
+    assert (dZ == 0).all()
+
+
+# ----------------------------------------------------------------------------- bfloat16 emulation
+
+
+def py_bf16(x: float) -> float:
+    """Round a float32 value to bfloat16 (nearest, ties to even) from its bits, in plain Python."""
+    import struct
+
+    u = struct.unpack("<I", struct.pack("<f", x))[0]
+    if math.isnan(x):
+        return x
+    lower, upper = u & 0xFFFF, u >> 16
+    if lower > 0x8000 or (lower == 0x8000 and upper & 1):
+        upper += 1
+    return struct.unpack("<f", struct.pack("<I", (upper << 16) & 0xFFFFFFFF))[0]
+
+
+def test_round_to_bf16_nearest_even_and_nan():
+    vals = np.array([1.0, 1 + 2 ** -8, 1 + 2 ** -7, 1 + 3 * 2 ** -8, 1 + 2 ** -8 + 2 ** -20, -2.5e-3, 3.0e38,
+                     3.4e38, np.inf, -np.inf, 0.0, -0.0, 1e-40, np.nan], np.float32)
+    out = R.round_to_bf16(vals)
+    assert out.dtype == np.float32
+    exp = [py_bf16(float(v)) for v in vals]
+    np.testing.assert_array_equal(out[:-1], np.array(exp[:-1], np.float32))
+    assert np.isnan(out[-1])
+    assert out[1] == 1.0 and out[2] == 1 + 2 ** -7 and out[3] == 1 + 2 ** -6  # ties to even both ways
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal(1000).astype(np.float32)
+    r = R.round_to_bf16(x)
+    assert (r.view(np.uint32) & 0xFFFF == 0).all()
+    assert np.all(np.abs(r - x) <= np.abs(x) * 2.0 ** -8)
+
+
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("shape", [(1, 3, 2), (7, 33, 5)])
+def test_dense_bf16_emulation(act, shape):
+    """precision=1: each GEMM's operands rounded to bf16, products exact, float32 accumulation."""
+    m, n_in, n_out = shape
+    rng = np.random.default_rng(m + n_in)
+    A = rng.standard_normal((m, n_in)).astype(np.float32)
+    W = rng.standard_normal((n_in, n_out)).astype(np.float32)
+    b = rng.standard_normal(n_out).astype(np.float32)
+    out = np.empty((m, n_out), np.float32)
+    R.dense_forward(A, W, b, act, out, 1)
+    Ar = np.array([[py_bf16(float(v)) for v in row] for row in A])
+    Wr = np.array([[py_bf16(float(v)) for v in row] for row in W])
+    Z = loop_matmul(Ar, Wr) + b
+    ref = np.empty((m, n_out))
+    R.activation_forward(Z, act, ref)
+    np.testing.assert_allclose(out, ref, rtol=2e-6, atol=2e-6)
+    # differs from fp32 by about the bf16 rounding, not more
+    out32 = np.empty_like(out)
+    R.dense_forward(A, W, b, act, out32)
+    assert np.abs(out - out32).max() < 0.1 * np.abs(out32).max() + 1e-3
+    # backward: dW = bf16(A)^T bf16(dZ) + l2 W (float32 W), dA = bf16(dZ) bf16(W)^T
+    dout = rng.standard_normal((m, n_out)).astype(np.float32)
+    dZ, dW, db, dA = (np.empty((m, n_out), np.float32), np.empty_like(W), np.empty_like(b),
+                      np.empty_like(A))
+    R.dense_backward(A, W, out, dout, act, 0.25, dZ, dW, db, dA, 1)
+    dZ_ref = np.empty((m, n_out), np.float32)
+    R.activation_backward(out, dout, act, dZ_ref)
+    np.testing.assert_array_equal(dZ, dZ_ref)
+    dZr = np.array([[py_bf16(float(v)) for v in row] for row in dZ_ref])
+    np.testing.assert_allclose(dW, loop_matmul(Ar.T, dZr) + 0.25 * W.astype(np.float64), rtol=2e-6, atol=2e-6)
+    np.testing.assert_allclose(dA, loop_matmul(dZr, Wr.T), rtol=2e-6, atol=2e-6)
+    np.testing.assert_allclose(db, dZ_ref.astype(np.float64).sum(0), rtol=1e-6, atol=1e-6)
+
+
+def test_dense_bf16_needs_float32_and_a_known_code():
+    A, W = np.ones((2, 3)), np.ones((3, 2))
+    with pytest.raises(ValueError, match="float32"):
+        R.dense_forward(A, W, np.empty(0), 0, np.empty((2, 2)), 1)
+    with pytest.raises(ValueError, match="precision code"):
+        R.dense_forward(A.astype(np.float32), W.astype(np.float32), np.empty(0, np.float32), 0,
+                        np.empty((2, 2), np.float32), 7)
+
+
 # ----------------------------------------------------------------------------- dropout
 
 M64 = (1 << 64) - 1
@@ -518,7 +660,8 @@ def test_momentum_steps(dtype, bias_correction):
     W = [float(x) for x in p]
     vv = [0.0] * 9
     for t, g in enumerate(grads, start=1):
-        R.momentum_step(p, g, v, lr, beta, t, bias_correction)
+        c1, _ = step_scalars(OptimizerSpec(OPT_MOMENTUM, (beta, 0.0, 0.0), bias_correction), lr, t)
+        R.momentum_step(p, g, v, beta, c1)
         for i in range(9):
             vv[i] = beta * vv[i] + (1 - beta) * float(g[i])
             step = vv[i] / (1 - beta ** t) if bias_correction else vv[i]
@@ -555,7 +698,8 @@ def test_adam_steps(dtype, betas):
     W = [float(x) for x in p]
     vv, ss = [0.0] * 9, [0.0] * 9
     for t, g in enumerate(grads, start=1):
-        R.adam_step(p, g, v, s, lr, beta1, beta2, eps, t)
+        c1, c2 = step_scalars(OptimizerSpec(OPT_ADAM, (beta1, beta2, eps)), lr, t)
+        R.adam_step(p, g, v, s, beta1, beta2, eps, c1, c2)
         for i in range(9):
             gi = float(g[i])
             vv[i] = beta1 * vv[i] + (1 - beta1) * gi
@@ -568,11 +712,42 @@ def test_adam_steps(dtype, betas):
     np.testing.assert_allclose(s, ss, **opt_tol(dtype))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("nesterov", [True, False])
+@pytest.mark.parametrize("n", [1, 9, 33])
+def test_nesterov_and_classical_momentum_steps(dtype, nesterov, n):
+    """scikit-learn's SGD rule (sklearn/neural_network/_stochastic_optimizers.py, written out)."""
+    grads = grad_sequence(n, dtype, 4)
+    lr, mu = 0.05, 0.8
+    p = np.linspace(-1, 1, n).astype(dtype)
+    v = np.zeros(n, dtype)
+    W = [float(x) for x in p]
+    vv = [0.0] * n
+    for g in grads:
+        R.nesterov_step(p, g, v, mu, lr, nesterov)
+        for i in range(n):
+            vv[i] = mu * vv[i] - lr * float(g[i])
+            W[i] += (mu * vv[i] - lr * float(g[i])) if nesterov else vv[i]
+    np.testing.assert_allclose(p, W, **opt_tol(dtype))
+    np.testing.assert_allclose(v, vv, **opt_tol(dtype))
+    assert p.dtype == dtype and v.dtype == dtype
+
+
+def test_nesterov_momentum_zero_is_sgd():
+    g = np.array([1.0, -2.0, 0.5])
+    p1, p2, p3 = np.ones(3), np.ones(3), np.ones(3)
+    R.nesterov_step(p1, g, np.zeros(3), 0.0, 0.1, True)
+    R.nesterov_step(p2, g, np.zeros(3), 0.0, 0.1, False)
+    R.sgd_step(p3, g, 0.1)
+    np.testing.assert_allclose(p1, p3, rtol=1e-15)
+    np.testing.assert_allclose(p2, p3, rtol=1e-15)
+
+
 def test_adam_first_step_is_lr_times_sign():
     """With bias correction, the first Adam step is lr * g / (|g| + eps) ~ lr * sign(g)."""
     g = np.array([3.0, -0.5, 1e-3])
     p = np.zeros(3)
-    R.adam_step(p, g, np.zeros(3), np.zeros(3), 0.1, 0.9, 0.999, 1e-8, 1)
+    R.adam_step(p, g, np.zeros(3), np.zeros(3), 0.9, 0.999, 1e-8, 0.1 / (1 - 0.9), 1 / (1 - 0.999))
     np.testing.assert_allclose(p, -0.1 * np.sign(g), rtol=1e-4)
 
 
@@ -585,17 +760,17 @@ def test_ewa_bias_correction_worked_example():
     # momentum_step with bias correction keeps v = EWA of the gradients and
     # moves the params by lr * v_t / (1 - beta^t)
     p, v = np.zeros(1), np.zeros(1)
-    R.momentum_step(p, np.array([theta1]), v, 1.0, beta, 1, True)
+    R.momentum_step(p, np.array([theta1]), v, beta, 1.0 / (1 - beta ** 1))
     assert v[0] == pytest.approx(0.02 * theta1)
     assert p[0] == pytest.approx(-theta1)  # corrected v_1 = theta_1 exactly
-    R.momentum_step(p, np.array([theta2]), v, 1.0, beta, 2, True)
+    R.momentum_step(p, np.array([theta2]), v, beta, 1.0 / (1 - beta ** 2))
     assert v[0] == pytest.approx(0.0196 * theta1 + 0.02 * theta2)
     corrected = (0.0196 * theta1 + 0.02 * theta2) / 0.0396
     assert p[0] == pytest.approx(-theta1 - corrected)
     assert theta1 < corrected < theta2
     # without correction v_1 is 50x too small (the bias the notes describe)
     p, v = np.zeros(1), np.zeros(1)
-    R.momentum_step(p, np.array([theta1]), v, 1.0, beta, 1, False)
+    R.momentum_step(p, np.array([theta1]), v, beta, 1.0)
     assert p[0] == pytest.approx(-0.02 * theta1)
 
 

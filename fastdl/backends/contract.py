@@ -34,13 +34,20 @@ Conventions shared by all kernels
 Kernels (name: arguments -> return; what is written)
 ----------------------------------------------------
 Dense
-  ``dense_forward(A_prev (m,n_in), W (n_in,n_out), b (n_out,)|(0,), act, out (m,n_out)) -> None``
+  ``dense_forward(A_prev (m,n_in), W (n_in,n_out), b (n_out,)|(0,), act, out (m,n_out), precision=0) -> None``
       ``out = g(A_prev @ W + b)``.
   ``dense_backward(A_prev, W, out, dout (m,n_out), act, l2_over_m, dZ (m,n_out),
-  dW (n_in,n_out), db (n_out,)|(0,), dA_prev (m,n_in)|(0,0)) -> None``
+  dW (n_in,n_out), db (n_out,)|(0,), dA_prev (m,n_in)|(0,0), precision=0) -> None``
       ``dZ = dout * g'(out)`` (``dZ`` may alias ``dout``);
       ``dW = A_prev.T @ dZ + l2_over_m * W``; ``db = dZ.sum(0)``;
       ``dA_prev = dZ @ W.T``.
+  ``precision`` (``fastdl.plan.PRECISION_*``): 0 = the dtype's GEMMs; 1 = bf16
+  (float32 arrays only): both operands of each of the three products are
+  rounded to bfloat16 (nearest, ties to even; NaN stays NaN) and the products
+  accumulate in float32 (docs/spec.md "Mixed precision"); the bias add,
+  activations and the L2 term (float32 ``W``) are unchanged. A backend
+  without bf16 GEMMs raises ``NotImplementedError`` for 1. Callers pass
+  ``precision`` only when it is not 0.
 Activations (a standalone activation layer, e.g. after BatchNorm)
   ``activation_forward(Z, act, out) -> None``  (``out`` may alias ``Z``)
   ``activation_backward(out, dout, act, dZ) -> None``  (``dZ`` may alias ``dout``)
@@ -56,22 +63,39 @@ BatchNorm (per feature over the batch; SPEC.md "Batch normalisation")
       ``dZ = gamma*inv_std/m * (m*dout - dbeta - x_hat*dgamma)``; ``dZ`` may
       alias ``dout`` (pass 2 reads each element once before writing it).
 Losses (return the MEAN loss over the m rows as a Python float; no L2 term)
-  ``softmax_cross_entropy(Z (m,k), y int64 (m,), dZ (m,k)|(0,0)) -> float``
+  ``softmax_cross_entropy(Z (m,k), y int64 (m,), dZ (m,k)|(0,0), w=None) -> float``
       ``logsumexp(z) - z_y``; ``dZ = (softmax(Z) - onehot(y)) / m``.
   ``softmax(Z, out) -> None``  (row-wise, max-shifted; ``out`` may alias ``Z``)
-  ``sigmoid_bce(Z (m,1), y (m,) float 0/1 of Z's dtype, dZ (m,1)|(0,0)) -> float``
+  ``sigmoid_bce(Z (m,1), y (m,) float 0/1 of Z's dtype, dZ (m,1)|(0,0), w=None) -> float``
       ``max(z,0) - z*y + log1p(exp(-|z|))``; ``dZ = (sigmoid(z) - y) / m``.
-  ``mse(Yhat (m,k), Y (m,k) of Yhat's dtype, dZ (m,k)|(0,0)) -> float``
+  ``mse(Yhat (m,k), Y (m,k) of Yhat's dtype, dZ (m,k)|(0,0), w=None) -> float``
       ``0.5 * ||yhat - y||^2`` per row; ``dZ = (yhat - y) / m``.
+  Per-example weights ``w`` (float64 ``(m,)``; ``None`` or size 0 = unweighted,
+  exactly the formulas above; scikit-learn's rule, board 22:20/22:13):
+  ``sw = sum(w)`` added left to right in float64 from 0.0 (``np.add.accumulate``,
+  not NumPy's pairwise ``np.sum``); loss ``= sum_i(w_i L_i) / sw``;
+  ``dZ_i = (w_i / sw) * g_i`` with ``g_i`` the row's unit gradient
+  (``softmax(z_i) - onehot(y_i)``, ``sigmoid(z_i) - y_i``, ``yhat_i - y_i``).
+  ``sw == 0`` (a batch of zero weights) gives loss 0 and ``dZ = 0``. Callers
+  pass ``w`` only when weighted.
 Dropout (inverted; counter-based mask, see below)
   ``dropout_forward(A (m,n), keep_prob, seed, step, layer, mask uint8 (m,n), out (m,n)) -> None``
       ``mask = dropout bits``; ``out = A * mask / keep_prob`` (``out`` may alias ``A``).
   ``dropout_backward(dout, mask, keep_prob, dA) -> None``  (``dA`` may alias ``dout``)
-Optimisers (one fused pass over flat 1-D arrays; ``t`` counts updates from 1)
+Optimisers (one fused pass over flat 1-D arrays). The caller computes the
+step's coefficients once (``fastdl.plan.step_coefficients``: ``c1``, ``c2``
+fold the learning rate and the bias corrections; docs/spec.md "Optimisers")
   ``sgd_step(params, grads, lr) -> None``
-  ``momentum_step(params, grads, v, lr, beta, t, bias_correction: bool) -> None``
+      ``params -= lr * grads``
+  ``momentum_step(params, grads, v, beta, c1) -> None``  (the course's EWA form)
+      ``v = beta*v + (1-beta)*grads; params -= c1 * v``
+  ``nesterov_step(params, grads, v, mu, c1, nesterov: bool) -> None``  (scikit-learn's SGD momentum)
+      ``v = mu*v - c1*grads; params += mu*v - c1*grads`` if ``nesterov`` else ``params += v``
   ``rmsprop_step(params, grads, s, lr, beta2, eps) -> None``
-  ``adam_step(params, grads, v, s, lr, beta1, beta2, eps, t) -> None``
+      ``s = beta2*s + (1-beta2)*grads**2; params -= lr * grads / (sqrt(s) + eps)``
+  ``adam_step(params, grads, v, s, beta1, beta2, eps, c1, c2) -> None``
+      ``v = beta1*v + (1-beta1)*grads; s = beta2*s + (1-beta2)*grads**2;
+      params -= c1 * v / (sqrt(c2 * s) + eps)``
 Reductions
   ``sum_squares(x 1-D) -> float``  (the L2 cost, accumulated in float64)
   ``all_finite(x 1-D) -> bool``  (no NaN or inf: fit's per-step divergence check)
@@ -114,6 +138,7 @@ KERNELS: tuple[str, ...] = (
     "dropout_backward",
     "sgd_step",
     "momentum_step",
+    "nesterov_step",
     "rmsprop_step",
     "adam_step",
     "sum_squares",

@@ -53,22 +53,52 @@ def activation_backward(out: np.ndarray, dout: np.ndarray, act: int, dZ: np.ndar
 # --------------------------------------------------------------------------- dense
 
 
-def dense_forward(A_prev, W, b, act: int, out) -> None:
-    np.matmul(A_prev, W, out=out)
+def round_to_bf16(x: np.ndarray) -> np.ndarray:
+    """``x`` (float32) rounded to the nearest bfloat16, ties to even, returned as float32 values.
+
+    bfloat16 is the upper half of a float32: add half an ulp of the lower 16
+    bits (minus one when the kept part is even, for ties to even) and clear
+    them. NaN stays NaN (the carry could turn a NaN payload into infinity);
+    infinities and values that round past the largest bfloat16 become inf.
+    """
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    u = x.view(np.uint32)
+    rounded = (u + (np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1)))) & np.uint32(0xFFFF0000)
+    out = rounded.view(np.float32)
+    return np.where(np.isnan(x), x, out)
+
+
+def _gemm_operands(precision: int, *arrays: np.ndarray) -> tuple[np.ndarray, ...]:
+    # precision 1 (bf16, docs/spec.md "Mixed precision"): both operands of every Dense GEMM rounded
+    # to bfloat16; the float32 GEMM of the rounded values is then the exact-product emulation.
+    if precision == 0:
+        return arrays
+    if precision != 1:
+        raise ValueError(f"unknown precision code {precision} (0 = fp32, 1 = bf16)")
+    if any(a.dtype != np.float32 for a in arrays):
+        raise ValueError("precision=1 (bf16) needs float32 arrays")
+    return tuple(round_to_bf16(a) for a in arrays)
+
+
+def dense_forward(A_prev, W, b, act: int, out, precision: int = 0) -> None:
+    A_g, W_g = _gemm_operands(precision, A_prev, W)
+    np.matmul(A_g, W_g, out=out)
     if b.size:
         out += b
     _apply_activation(out, act, out)
 
 
-def dense_backward(A_prev, W, out, dout, act: int, l2_over_m: float, dZ, dW, db, dA_prev) -> None:
+def dense_backward(A_prev, W, out, dout, act: int, l2_over_m: float, dZ, dW, db, dA_prev,
+                   precision: int = 0) -> None:
     _activation_grad(out, dout, act, dZ)
-    np.matmul(A_prev.T, dZ, out=dW)
+    A_g, dZ_g, W_g = _gemm_operands(precision, A_prev, dZ, W)
+    np.matmul(A_g.T, dZ_g, out=dW)
     if l2_over_m != 0.0:
-        dW += l2_over_m * W
+        dW += l2_over_m * W  # the float32 W, also in bf16 mode
     if db.size:
         db[...] = dZ.sum(axis=0, dtype=np.float64)
     if dA_prev.size:
-        np.matmul(dZ, W.T, out=dA_prev)
+        np.matmul(dZ_g, W_g.T, out=dA_prev)
 
 
 # --------------------------------------------------------------------------- batchnorm
@@ -110,40 +140,67 @@ def softmax(Z, out) -> None:
     out[...] = e / e.sum(axis=1, keepdims=True)
 
 
-def softmax_cross_entropy(Z, y, dZ) -> float:
+def _weighted(w) -> bool:
+    return w is not None and w.size > 0
+
+
+def _weight_sum(w: np.ndarray) -> float:
+    # left to right from 0.0, as every backend adds it (the contract)
+    return float(np.add.accumulate(w.astype(np.float64))[-1]) if w.size else 0.0
+
+
+def _mean_loss(per_row: np.ndarray, w) -> float:
+    if not _weighted(w):
+        return float(np.mean(per_row)) if per_row.size else float("nan")
+    sw = _weight_sum(w)
+    return float(np.dot(w, per_row) / sw) if sw != 0.0 else 0.0
+
+
+def _row_scale(m: int, w) -> np.ndarray | float:
+    """What multiplies each row's unit gradient: 1/m, or w_i/sum(w) (0 when the weights sum to 0)."""
+    if not _weighted(w):
+        return 1.0 / m if m else 0.0
+    sw = _weight_sum(w)
+    return (w / sw)[:, None] if sw != 0.0 else np.zeros((m, 1))
+
+
+def softmax_cross_entropy(Z, y, dZ, w=None) -> float:
     m, k = Z.shape
     if m and (y.min() < 0 or y.max() >= k):  # a negative id would silently index from the end
         raise ValueError(f"softmax_cross_entropy: labels must be class ids in [0, {k}); "
                          f"got values in [{y.min()}, {y.max()}]")
     Z64 = Z.astype(np.float64)
-    zmax = Z64.max(axis=1, keepdims=True)
+    zmax = Z64.max(axis=1, keepdims=True) if m else np.zeros((0, 1))
     lse = np.log(np.exp(Z64 - zmax).sum(axis=1)) + zmax[:, 0]
-    loss = float(np.mean(lse - Z64[np.arange(m), y]))
+    loss = _mean_loss(lse - Z64[np.arange(m), y], w)
     if dZ.size:
         p = np.exp(Z64 - lse[:, None])
         p[np.arange(m), y] -= 1.0
-        dZ[...] = p / m
+        dZ[...] = p * _row_scale(m, w) if _weighted(w) else p / m
     return loss
 
 
-def sigmoid_bce(Z, y, dZ) -> float:
+def sigmoid_bce(Z, y, dZ, w=None) -> float:
     m = Z.shape[0]
     z = Z[:, 0].astype(np.float64)
     t = y.astype(np.float64)
-    loss = float(np.mean(np.maximum(z, 0) - z * t + np.log1p(np.exp(-np.abs(z)))))
+    loss = _mean_loss(np.maximum(z, 0) - z * t + np.log1p(np.exp(-np.abs(z))), w)
     if dZ.size:
         p = np.empty_like(z)
         _apply_activation(z, SIGMOID, p)
-        dZ[:, 0] = (p - t) / m
+        dZ[:, 0] = (p - t) * _row_scale(m, w)[:, 0] if _weighted(w) else (p - t) / m
     return loss
 
 
-def mse(Yhat, Y, dZ) -> float:
+def mse(Yhat, Y, dZ, w=None) -> float:
     m = Yhat.shape[0]
     diff = Yhat.astype(np.float64) - Y
-    loss = float(0.5 * np.sum(diff * diff) / m)
+    if _weighted(w):
+        loss = _mean_loss(0.5 * np.sum(diff * diff, axis=1), w)
+    else:
+        loss = float(0.5 * np.sum(diff * diff) / m)
     if dZ.size:
-        dZ[...] = diff / m
+        dZ[...] = diff * _row_scale(m, w) if _weighted(w) else diff / m
     return loss
 
 
@@ -179,14 +236,23 @@ def dropout_backward(dout, mask, keep_prob: float, dA) -> None:
 # --------------------------------------------------------------------------- optimisers
 
 
+# The caller computes the step's coefficients c1, c2 once (fastdl.plan.step_coefficients).
 def sgd_step(params, grads, lr: float) -> None:
     params -= lr * grads
 
 
-def momentum_step(params, grads, v, lr: float, beta: float, t: int, bias_correction: bool) -> None:
+def momentum_step(params, grads, v, beta: float, c1: float) -> None:
     v[...] = beta * v + (1 - beta) * grads
-    scale = lr / (1 - beta ** t) if bias_correction else lr
-    params -= scale * v
+    params -= c1 * v
+
+
+def nesterov_step(params, grads, v, mu: float, c1: float, nesterov: bool) -> None:
+    # scikit-learn's SGD momentum (sklearn/neural_network/_stochastic_optimizers.py)
+    v[...] = mu * v - c1 * grads
+    if nesterov:
+        params += mu * v - c1 * grads
+    else:
+        params += v
 
 
 def rmsprop_step(params, grads, s, lr: float, beta2: float, eps: float) -> None:
@@ -194,12 +260,11 @@ def rmsprop_step(params, grads, s, lr: float, beta2: float, eps: float) -> None:
     params -= lr * grads / (np.sqrt(s) + eps)
 
 
-def adam_step(params, grads, v, s, lr: float, beta1: float, beta2: float, eps: float, t: int) -> None:
+def adam_step(params, grads, v, s, beta1: float, beta2: float, eps: float, c1: float, c2: float) -> None:
+    # c1 = lr/(1-beta1^t), c2 = 1/(1-beta2^t): p -= lr * v_hat / (sqrt(s_hat) + eps)
     v[...] = beta1 * v + (1 - beta1) * grads
     s[...] = beta2 * s + (1 - beta2) * grads * grads
-    v_hat = v / (1 - beta1 ** t)
-    s_hat = s / (1 - beta2 ** t)
-    params -= lr * v_hat / (np.sqrt(s_hat) + eps)
+    params -= c1 * v / (np.sqrt(c2 * s) + eps)
 
 
 # --------------------------------------------------------------------------- reductions
