@@ -243,7 +243,7 @@ def _check_sample_weight(sample_weight, n: int, dtype=np.float64) -> np.ndarray 
     if (sw < 0).any():
         raise ValueError("sample_weight must be non-negative")
     if sw.sum() <= 0:
-        raise ValueError("sample_weight must have a positive sum")
+        raise ValueError("Sample weights must contain at least one non-zero number (all weights are zero).")
     return np.ascontiguousarray(sw)
 
 
