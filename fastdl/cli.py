@@ -30,34 +30,73 @@ def _int_list(text: str) -> list[int]:
     return sizes
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option shows its default in words; options such as --no-batchnorm are never split at the hyphen."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default:" in text or action.default is argparse.SUPPRESS or action.option_strings == ["-h", "--help"]:
+            return text
+        if action.default is None:
+            return text + " (default: off)"
+        if isinstance(action, argparse._StoreTrueAction):
+            return text + (" (default: off)" if not action.default else " (default: on)")
+        if isinstance(action, argparse.BooleanOptionalAction):
+            return text + (" (default: on)" if action.default else " (default: off)")
+        return text + " (default: %(default)s)"
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        import textwrap
+
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fastdl", description="Fast CPU training of dense neural networks.")
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train an MLP (digits by default) and report train/dev/test error",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    t.add_argument("--data", default=None, help="data file (.npz with X/y, .csv with the label last, IDX); "
-                   "default: the bundled 8x8 digits")
-    t.add_argument("--hidden", type=_int_list, default=[128, 64], help="hidden layer sizes, e.g. 128,64")
-    t.add_argument("--activation", choices=["relu", "tanh", "sigmoid"], default="relu")
-    t.add_argument("--no-batchnorm", dest="batchnorm", action="store_false", help="disable BatchNorm")
-    t.add_argument("--keep-prob", type=float, default=0.9, help="dropout keep probability (1 = no dropout)")
-    t.add_argument("--l2", type=float, default=1e-3, help="L2 strength lambda")
-    t.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="adam")
-    t.add_argument("--lr", type=float, default=3e-3)
-    t.add_argument("--beta", type=float, default=0.9, help="momentum beta")
-    t.add_argument("--beta1", type=float, default=0.9)
-    t.add_argument("--beta2", type=float, default=0.999)
-    t.add_argument("--eps", type=float, default=1e-8)
-    t.add_argument("--schedule", choices=sorted(SCHEDULES), default="constant")
-    t.add_argument("--decay-rate", type=float, default=0.1, help="for inverse_time")
-    t.add_argument("--epochs", type=int, default=40)
-    t.add_argument("--batch-size", type=int, default=32)
+                       formatter_class=_HelpFormatter,
+                       description="Train an MLP (Dense -> [BatchNorm] -> activation -> [Dropout] per hidden "
+                       "layer, softmax output) on standardised data split 60/20/20 into train/dev/test.")
+    t.add_argument("--data", default=None, metavar="PATH", help="data file (.npz with X/y, .csv with the label "
+                   "last, IDX) (default: the bundled 8x8 digits)")
+    t.add_argument("--hidden", type=_int_list, default="128,64", metavar="SIZES",
+                   help="hidden layer sizes, comma-separated")
+    t.add_argument("--activation", choices=["relu", "tanh", "sigmoid"], default="relu",
+                   help="hidden-layer activation")
+    t.add_argument("--batchnorm", action=argparse.BooleanOptionalAction, default=True,
+                   help="BatchNorm after each hidden Dense layer; --no-batchnorm turns it off (each Dense then "
+                   "has a bias)")
+    t.add_argument("--keep-prob", type=float, default=0.9,
+                   help="dropout keep probability per hidden layer (1 = no dropout; Keras/PyTorch rate = 1 - this)")
+    t.add_argument("--l2", type=float, default=1e-3, help="L2 strength lambda (SPEC.md: lambda/(2m) sum ||W||^2)")
+    t.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="adam",
+                   help="optimiser (momentum = the course's EWA form; classical_momentum = PyTorch's SGD momentum)")
+    t.add_argument("--lr", type=float, default=3e-3, help="learning rate (initial one with --schedule)")
+    t.add_argument("--beta", type=float, default=0.9, help="momentum beta (--optimizer momentum)")
+    t.add_argument("--beta1", type=float, default=0.9, help="Adam beta1 (first-moment EWA)")
+    t.add_argument("--beta2", type=float, default=0.999, help="Adam / RMSprop beta2")
+    t.add_argument("--eps", type=float, default=1e-8, help="Adam / RMSprop epsilon")
+    t.add_argument("--schedule", choices=sorted(SCHEDULES), default="constant",
+                   help="learning-rate decay per epoch")
+    t.add_argument("--decay-rate", type=float, default=0.1, help="decay rate of --schedule inverse_time")
+    t.add_argument("--epochs", type=int, default=40, help="training epochs (maximum with --patience)")
+    t.add_argument("--batch-size", type=int, default=32, help="mini-batch size (per rank with --distributed)")
     t.add_argument("--patience", type=int, default=0, help="early stopping patience on dev loss (0 = off)")
-    t.add_argument("--backend", choices=list(BACKEND_NAMES) + ["auto"], default="auto")
-    t.add_argument("--dtype", choices=["float32", "float64"], default="float32")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--save", default=None, help="write the trained model (and its standardizer) here")
-    t.add_argument("--verbose", type=int, default=1, help="0 quiet, 1 progress bar on a terminal, 2 per epoch")
+    t.add_argument("--backend", choices=list(BACKEND_NAMES) + ["auto"], default="auto",
+                   help="kernel backend (auto: Cython, then Numba, then NumPy per kernel)")
+    t.add_argument("--dtype", choices=["float32", "float64"], default="float32", help="parameter and data dtype")
+    t.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                   help="matrix-product precision: bf16 rounds the Dense products' inputs to bfloat16 "
+                   "(float32 parameters and accumulation; needs --dtype float32)")
+    t.add_argument("--seed", type=int, default=0, help="seed of the split, initialisation, shuffling and dropout")
+    t.add_argument("--save", default=None, metavar="PATH",
+                   help="write the trained model (and its standardizer) here")
+    t.add_argument("--export-onnx", default=None, metavar="PATH",
+                   help="write the trained model's inference graph as ONNX here, e.g. model.onnx (float32, "
+                   "outputs logits and probabilities; needs pip install 'fastdl[onnx]')")
+    t.add_argument("--verbose", type=int, default=1, choices=[0, 1, 2],
+                   help="0 quiet, 1 progress bar, 2 one line per epoch")
     t.add_argument("--distributed", action="store_true",
                    help="data-parallel training over MPI: run as `mpiexec -n N python -m fastdl train --distributed "
                    "...`; --batch-size is per rank (global batch = N x batch size); only rank 0 prints and saves "
@@ -107,6 +146,13 @@ def train(args) -> int:
     t_start = time.perf_counter()
     if args.plot:
         _check_plot(args.plot)
+    if args.export_onnx:
+        from .onnx import _import_onnx
+
+        _import_onnx()  # fail before training, not after, when the extra is missing
+    if args.precision != "fp32" and args.dtype != "float32":
+        raise ValueError(f"--precision {args.precision} needs --dtype float32 (bf16 products keep float32 "
+                         f"parameters), got --dtype {args.dtype}")
     comm = None
     if args.distributed:
         from .distributed import world
@@ -119,8 +165,10 @@ def train(args) -> int:
 
     layers = build_mlp(shape[1], args.hidden, n_classes, activation=args.activation,
                        batchnorm=args.batchnorm, keep_prob=args.keep_prob)
+    # precision= only when asked: fp32 runs also work with a Sequential that predates it
+    extra = {"precision": args.precision} if args.precision != "fp32" else {}
     model = Sequential(layers, loss="softmax_cross_entropy", l2=args.l2, dtype=args.dtype,
-                       backend=args.backend, seed=args.seed)
+                       backend=args.backend, seed=args.seed, **extra)
     opt = _optimizer(args)
     schedule = get_schedule(args.schedule, **({"decay_rate": args.decay_rate}
                                               if args.schedule == "inverse_time" else {}))
@@ -157,6 +205,10 @@ def train(args) -> int:
 
         save_model(model, args.save, optimizer=opt, metadata={"standardizer": scaler.to_dict()})
         print(f"saved model to {args.save}")
+    if args.export_onnx and (comm is None or comm.rank == 0):
+        model.to_onnx(args.export_onnx)
+        print(f"exported the inference graph to {args.export_onnx} (ONNX; inputs standardised as by the "
+              f"saved standardizer: (X - mean) / sqrt(var + eps))")
     print(f"total time {time.perf_counter() - t_start:.2f} s")
     return 0
 
@@ -177,15 +229,15 @@ SEARCH_SPACE_DEFAULT = (
 def _add_search_parser(sub) -> None:
     s = sub.add_parser(
         "search", help="random hyperparameter search (coarse to fine, in parallel) with a ranked table",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
         description="Random search over MLP settings, scored on the dev set. The default space samples "
         + ", ".join(SEARCH_SPACE_DEFAULT) + ". Override or add settings with --param NAME=SPEC, SPEC one of "
         "log:LOW:HIGH, uniform:LOW:HIGH, int:LOW:HIGH, intlog:LOW:HIGH, beta:MIN:MAX (1-beta on a log scale), "
         "choice:A,B,... or a constant (e.g. --param batchnorm=false, --param hidden=choice:64,128x64).")
-    s.add_argument("--data", default=None, help="data file (.npz with X/y, .csv with the label last, IDX); "
-                   "default: the bundled 8x8 digits")
+    s.add_argument("--data", default=None, metavar="PATH", help="data file (.npz with X/y, .csv with the label "
+                   "last, IDX) (default: the bundled 8x8 digits)")
     s.add_argument("--param", action="append", default=[], metavar="NAME=SPEC",
-                   help="a setting to sample or fix (repeatable)")
+                   help="a setting to sample or fix (repeatable) (default: the space above)")
     s.add_argument("--trials", type=int, default=20, help="trials per round")
     s.add_argument("--rounds", type=int, default=2, help="coarse-to-fine rounds")
     s.add_argument("--top-k", type=int, default=3, help="best trials the next round's ranges shrink around")
@@ -195,12 +247,13 @@ def _add_search_parser(sub) -> None:
     s.add_argument("--scheduler", default=None, metavar="ADDRESS",
                    help="run the trials on this Dask scheduler, e.g. tcp://10.0.0.5:8786 "
                    "(needs pip install 'fastdl[dask]')")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--backend", choices=list(BACKEND_NAMES) + ["auto"], default="auto")
-    s.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    s.add_argument("--seed", type=int, default=0, help="seed of the split, the sampling and every trial")
+    s.add_argument("--backend", choices=list(BACKEND_NAMES) + ["auto"], default="auto",
+                   help="kernel backend of the trials (auto: Cython, then Numba, then NumPy per kernel)")
+    s.add_argument("--dtype", choices=["float32", "float64"], default="float32", help="parameter and data dtype")
     s.add_argument("--top", type=int, default=20, help="rows of the ranked table (0 = all)")
     s.add_argument("--optimal-error", type=float, default=0.0, help="for the diagnosis of the best model")
-    s.add_argument("--save", default=None, help="write the best model (and its standardizer) here")
+    s.add_argument("--save", default=None, metavar="PATH", help="write the best model (and its standardizer) here")
     s.add_argument("--plot", default=None, metavar="PATH",
                    help="write dev error against each sampled setting to this image (needs 'fastdl[plot]')")
     s.add_argument("--verbose", type=int, default=1, help="0 quiet, 1 one line per round")
@@ -287,7 +340,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return train(args)
         if args.command == "search":
             return search_command(args)
-    except (ValueError, TypeError, FileNotFoundError, BackendUnavailable, DistributedError, ImportError) as exc:
+    except (ValueError, TypeError, FileNotFoundError, BackendUnavailable, DistributedError, ImportError,
+            NotImplementedError) as exc:
         print(f"fastdl {args.command}: error: {exc}", file=sys.stderr)
         return 2
     return 1

@@ -201,3 +201,87 @@ def test_unavailable_backend_is_a_clean_error(monkeypatch, capsys):
     err = capsys.readouterr().err
     assert rc == 2
     assert "fastdl train: error: backend 'cython' is not available here" in err
+
+
+# ------------------------------------------------------- help, flags, ONNX, precision (issue 16)
+def _subparsers():
+    from fastdl.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, __import__("argparse")._SubParsersAction))
+    return sub.choices
+
+
+@pytest.mark.parametrize("command", ["train", "search"])
+def test_every_option_has_help_and_shows_its_default(command):
+    parser = _subparsers()[command]
+    formatter = parser.formatter_class(prog="fastdl")
+    for action in parser._actions:
+        if action.option_strings == ["-h", "--help"]:
+            continue
+        assert action.help and len(action.help) >= 8, f"{action.option_strings} has no help"
+        text = formatter._get_help_string(action)
+        assert "default:" in text, f"{action.option_strings}: {text!r}"
+    help_text = parser.format_help()
+    assert "default: None" not in help_text and "default: [" not in help_text
+    # options are never broken at their hyphen across lines ("--no-\nbatchnorm")
+    assert not re.search(r"--[a-z]+-\n", help_text)
+
+
+def test_help_of_the_batchnorm_flag_is_unambiguous(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    assert "--batchnorm, --no-batchnorm" in out
+    block = out[out.index("--batchnorm, --no-batchnorm"):out.index("--keep-prob KEEP_PROB\n")]
+    assert "(default: on)" in " ".join(block.split())
+    assert "--export-onnx PATH" in out and "--precision {fp32,bf16}" in out
+    for option in ("--lr LR", "--epochs EPOCHS", "--batch-size BATCH_SIZE", "--optimizer", "--schedule",
+                   "--backend", "--dtype", "--seed SEED", "--activation"):
+        start = out.index("\n  " + option) + 1
+        chunk = out[start:out.index("\n  --", start + 1)]
+        assert "default:" in chunk, chunk
+
+
+@pytest.mark.parametrize("argv, expected", [([], True), (["--batchnorm"], True), (["--no-batchnorm"], False)])
+def test_batchnorm_flag_reads_correctly(argv, expected):
+    args = _subparsers()["train"].parse_args(argv)
+    assert args.batchnorm is expected
+    assert args.hidden == [128, 64] and args.precision == "fp32" and args.export_onnx is None
+
+
+def test_precision_bf16_with_float64_is_an_error(capsys):
+    rc = main(["train", "--epochs", "1", "--verbose", "0", "--precision", "bf16", "--dtype", "float64"])
+    assert rc == 2
+    assert "--precision bf16 needs --dtype float32" in capsys.readouterr().err
+
+
+def test_precision_bf16_trains_or_says_why(capsys):
+    rc = main(["train", "--epochs", "1", "--verbose", "0", "--hidden", "16", "--precision", "bf16"])
+    out, err = capsys.readouterr()
+    if rc != 0:  # Sequential(precision=) or a bf16 backend not there: a clean one-line error, no traceback
+        assert rc == 2 and err.startswith("fastdl train: error:") and ("precision" in err or "bf16" in err), err
+        pytest.skip(f"bf16 not available: {err.strip()}")
+    assert set(results(out)) == {"train", "dev", "test"}
+
+
+def test_export_onnx(tmp_path, capsys):
+    ort = pytest.importorskip("onnxruntime", reason='needs pip install "fastdl[onnx]"')
+    onnx_path, model_path = tmp_path / "m.onnx", tmp_path / "m.fdl"
+    rc = main(["train", "--epochs", "2", "--verbose", "0", "--hidden", "32", "--save", str(model_path),
+               "--export-onnx", str(onnx_path)])
+    out = capsys.readouterr().out
+    assert rc == 0 and f"exported the inference graph to {onnx_path}" in out
+    model = fd.load(model_path, backend="reference")
+    std = fd.data.Standardizer.from_dict(load_metadata(model_path)["standardizer"])
+    X = std.transform(fd.datasets.load_digits()[0][:50]).astype(np.float32)
+    logits, proba = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"]).run(None, {"input": X})
+    assert np.abs(proba - model.predict_proba(X)).max() <= 1e-5
+
+
+def test_export_onnx_without_the_extra_fails_before_training(monkeypatch, capsys, tmp_path):
+    monkeypatch.setitem(sys.modules, "onnx", None)
+    rc = main(["train", "--epochs", "1", "--verbose", "0", "--export-onnx", str(tmp_path / "m.onnx")])
+    captured = capsys.readouterr()
+    assert rc == 2 and 'pip install "fastdl[onnx]"' in captured.err
+    assert "trained" not in captured.out
