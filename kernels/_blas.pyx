@@ -14,6 +14,12 @@ The Cython kernels call the wrappers through the addresses returned by
 the same addresses, registered as LLVM symbols. So both backends always run
 the same BLAS, and switching it (:func:`set_fortran_gemm`) takes effect
 for both at once.
+
+``bf16gemm_rm`` is the float32 GEMM of ``precision="bf16"`` (docs/spec.md
+"Mixed precision"): both operands rounded to bfloat16, products accumulated
+in float32, through MKL's ``cblas_gemm_bf16bf16f32`` when it is routed here
+(:func:`set_bf16_gemm`), else by rounding the operands and calling
+``sgemm_rm`` (the same numbers up to float32 accumulation order).
 """
 from libc.string cimport memset
 from scipy.linalg cimport cython_blas
@@ -26,6 +32,18 @@ cdef extern from "fastdl_blas_jit.h":
     void fdl_jit_set(size_t create, size_t get) noexcept nogil
     fdl_sjit_kernel_t fdl_sjit_lookup(int ta, int tb, int M, int N, int K, int lda, int ldb, float beta, int ldc,
                                       void** jitter) noexcept nogil
+
+cdef extern from "fastdl_bf16.h" nogil:
+    ctypedef void (*fdl_gemm_bf16_t)(int, int, int, int, int, int, float, const unsigned short*, int,
+                                     const unsigned short*, int, float, float*, int) noexcept nogil
+    fdl_gemm_bf16_t fdl_mkl_gemm_bf16
+    void fdl_bf16_set_mkl(size_t address)
+    void* fdl_bf16_scratch(int which, size_t nbytes)
+    void fdl_pack_bf16(const float* src, int rows, int cols, int ld, unsigned short* dst)
+    void fdl_pack_rounded(const float* src, int rows, int cols, int ld, float* dst)
+
+cdef extern from "stdlib.h" nogil:
+    void abort()
 
 ctypedef void (*sgemm_f)(char*, char*, int*, int*, int*, float*, float*, int*, float*, int*, float*, float*,
                          int*) noexcept nogil
@@ -95,9 +113,88 @@ cdef void dgemm_rm(int trans_a, int trans_b, int M, int N, int K, double alpha, 
         _dgemm(&tb, &ta, &N, &M, &K, &alpha, <double*>B, &ldb, <double*>A, &lda, &beta, C, &ldc)
 
 
+cdef void bf16gemm_rm(int trans_a, int trans_b, int M, int N, int K, float alpha, const float* A, int lda,
+                      const float* B, int ldb, float beta, float* C, int ldc) noexcept nogil:
+    """``sgemm_rm`` with both operands rounded to bfloat16 (nearest even), float32 accumulation."""
+    cdef int i
+    cdef int ra = K if trans_a else M     # stored rows / columns of A and B
+    cdef int ca = M if trans_a else K
+    cdef int rb = N if trans_b else K
+    cdef int cb = K if trans_b else N
+    cdef void* pa
+    cdef void* pb
+    cdef int prev
+    if M <= 0 or N <= 0 or K <= 0:
+        sgemm_rm(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc)
+        return
+    if fdl_mkl_gemm_bf16 != NULL:
+        pa = fdl_bf16_scratch(0, <size_t>ra * ca * 2)
+        pb = fdl_bf16_scratch(1, <size_t>rb * cb * 2)
+        if pa == NULL or pb == NULL:
+            abort()   # a few MB of scratch could not be allocated: nothing sensible is left to do
+        fdl_pack_bf16(A, ra, ca, lda, <unsigned short*>pa)
+        fdl_pack_bf16(B, rb, cb, ldb, <unsigned short*>pb)
+        if _set_threads_local != NULL and <double>M * N * K <= SERIAL_MNK:
+            prev = _set_threads_local(1)
+            fdl_mkl_gemm_bf16(101, 112 if trans_a else 111, 112 if trans_b else 111, M, N, K, alpha,
+                              <unsigned short*>pa, ca, <unsigned short*>pb, cb, beta, C, ldc)
+            _set_threads_local(prev)
+        else:
+            fdl_mkl_gemm_bf16(101, 112 if trans_a else 111, 112 if trans_b else 111, M, N, K, alpha,
+                              <unsigned short*>pa, ca, <unsigned short*>pb, cb, beta, C, ldc)
+        return
+    pa = fdl_bf16_scratch(0, <size_t>ra * ca * 4)
+    pb = fdl_bf16_scratch(1, <size_t>rb * cb * 4)
+    if pa == NULL or pb == NULL:
+        abort()
+    fdl_pack_rounded(A, ra, ca, lda, <float*>pa)
+    fdl_pack_rounded(B, rb, cb, ldb, <float*>pb)
+    sgemm_rm(trans_a, trans_b, M, N, K, alpha, <float*>pa, ca, <float*>pb, cb, beta, C, ldc)
+
+
 def rowmajor_addresses() -> tuple:
-    """Addresses of the C functions ``sgemm_rm`` and ``dgemm_rm`` (see the module docstring)."""
-    return <size_t>&sgemm_rm, <size_t>&dgemm_rm
+    """Addresses of the C functions ``sgemm_rm``, ``dgemm_rm`` and ``bf16gemm_rm`` (module docstring)."""
+    return <size_t>&sgemm_rm, <size_t>&dgemm_rm, <size_t>&bf16gemm_rm
+
+
+def set_bf16_gemm(size_t address) -> None:
+    """Route ``bf16gemm_rm`` to MKL's ``cblas_gemm_bf16bf16f32`` at ``address``; 0 = round + ``sgemm``."""
+    fdl_bf16_set_mkl(address)
+
+
+def bf16_gemm_routed() -> bool:
+    """True when ``bf16gemm_rm`` calls a native bfloat16 GEMM (MKL), False for the rounding fallback."""
+    return fdl_mkl_gemm_bf16 != NULL
+
+
+def bf16_round(x) -> None:
+    """Round a C-contiguous float32 array to bfloat16 values in place (nearest even; for tests)."""
+    cdef float[::1] v = x.reshape(-1)
+    if v.shape[0] == 0:
+        return
+    with nogil:
+        fdl_pack_rounded(&v[0], 1, <int>v.shape[0], <int>v.shape[0], &v[0])
+
+
+def gemm_bf16(A, B, C, bint trans_a=False, bint trans_b=False) -> None:
+    """``C = round_bf16(op(A)) @ round_bf16(op(B))`` on C-contiguous float32 arrays (tests, benchmarks)."""
+    cdef float[:, ::1] a = A
+    cdef float[:, ::1] b = B
+    cdef float[:, ::1] c = C
+    cdef int M = c.shape[0]
+    cdef int N = c.shape[1]
+    cdef int K = a.shape[0] if trans_a else a.shape[1]
+    if (a.shape[1] if trans_a else a.shape[0]) != M or (b.shape[1] if trans_b else b.shape[0]) != K \
+            or (b.shape[0] if trans_b else b.shape[1]) != N:
+        raise ValueError(f"gemm_bf16: shapes {A.shape} x {B.shape} -> {C.shape} do not match")
+    if M == 0 or N == 0:
+        return
+    if K == 0:
+        C[...] = 0
+        return
+    with nogil:
+        bf16gemm_rm(trans_a, trans_b, M, N, K, 1.0, &a[0, 0], <int>a.shape[1], &b[0, 0], <int>b.shape[1], 0.0,
+                    &c[0, 0], <int>c.shape[1])
 
 
 def set_fortran_gemm(size_t sgemm_address, size_t dgemm_address, size_t set_threads_local_address=0,

@@ -80,6 +80,10 @@ def _load_mkl() -> tuple[int, int, int, tuple[int, int], str]:
         except AttributeError:
             jit = (0, 0)
         _state["mkl_lib"] = lib   # keep it loaded
+        try:  # bfloat16 GEMM (MKL >= 2020): native on AMX / AVX512-BF16 units
+            _state["mkl_bf16"] = ctypes.cast(lib.cblas_gemm_bf16bf16f32, ctypes.c_void_p).value
+        except AttributeError:
+            _state["mkl_bf16"] = 0
         return s, d, t, jit, path
     raise ImportError("MKL not found (pip install 'fastdl[mkl]')"
                       + (f"; tried: {'; '.join(errors)}" if errors else ""))
@@ -108,7 +112,42 @@ def select(choice: str | None = None) -> str:
     if provider == "openblas":
         _blas.set_fortran_gemm(0, 0)
     _state["provider"], _state["path"] = provider, path
+    _select_bf16(_blas, provider)
     return provider
+
+
+BF16_CHOICES = ("auto", "native", "emulate")
+
+
+def cpu_bf16_unit() -> str:
+    """The CPU's bfloat16 matrix unit: ``'AMX'``, ``'AVX512-BF16'`` or ``''`` (none; from /proc/cpuinfo)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:   # not Linux: no way to tell without cpuid; assume none (the fallback is always correct)
+        return ""
+    if "amx_bf16" in flags:
+        return "AMX"
+    if "avx512_bf16" in flags:
+        return "AVX512-BF16"
+    return ""
+
+
+def _select_bf16(_blas, provider: str) -> None:
+    # A native bf16 GEMM is used only where the CPU has a bf16 unit: elsewhere MKL emulates it more
+    # slowly than the fallback (round the operands, then the float32 GEMM), which gives the same numbers.
+    choice = os.environ.get("FASTDL_BF16_GEMM", "auto").strip().lower()
+    if choice not in BF16_CHOICES:
+        raise ValueError(f"FASTDL_BF16_GEMM must be one of {', '.join(BF16_CHOICES)}; got {choice!r}")
+    unit = cpu_bf16_unit()
+    address = int(_state.get("mkl_bf16") or 0) if provider == "mkl" else 0
+    use = address != 0 and (choice == "native" or (choice == "auto" and unit != ""))
+    if choice == "native" and not address:
+        raise ImportError("FASTDL_BF16_GEMM=native needs MKL's cblas_gemm_bf16bf16f32 (pip install 'fastdl[mkl]')")
+    _blas.set_bf16_gemm(address if use else 0)
+    _state["bf16_unit"] = unit
+    _state["bf16_impl"] = ("MKL cblas_gemm_bf16bf16f32" if use
+                           else "rounding fallback: operands rounded to bfloat16, float32 GEMM")
 
 
 def _mkl_serial_after_fork() -> None:
@@ -143,4 +182,6 @@ def info() -> dict[str, str]:
         why = (f"FASTDL_BLAS={os.environ.get('FASTDL_BLAS', 'auto')}"
                + (f"; {_state['mkl_error']}" if "mkl_error" in _state else ""))
     lib = str(_state.get("path") or "scipy.linalg.cython_blas")
-    return {"provider": provider, "library": lib, "why": why}
+    unit = _state.get("bf16_unit") or "none (no AMX or AVX512-BF16: bf16 is slower than float32 here)"
+    return {"provider": provider, "library": lib, "why": why, "bf16_gemm": str(_state.get("bf16_impl", "")),
+            "bf16_unit": str(unit)}

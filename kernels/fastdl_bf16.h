@@ -1,0 +1,79 @@
+/* bfloat16 GEMMs for fastdl's compiled kernels (docs/spec.md "Mixed precision").
+ *
+ * Semantics: C = alpha * round_bf16(op(A)) @ round_bf16(op(B)) + beta * C, accumulated in float32,
+ * with round_bf16 = round to nearest, ties to even (NaN stays NaN). Two implementations:
+ *   - MKL's cblas_gemm_bf16bf16f32 (AMX / AVX512-BF16 when the CPU has them): the operands are
+ *     converted to packed bf16 in per-thread scratch buffers first;
+ *   - the fallback: the operands are rounded to bf16 values stored as float32 in the same scratch,
+ *     then multiplied by the float32 GEMM. A product of two bf16 values is exact in float32, so
+ *     both agree to float32 accumulation rounding.
+ * The scratch buffers grow to the largest operand seen and are reused (no allocation per step).
+ */
+#ifndef FASTDL_BF16_H
+#define FASTDL_BF16_H
+
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef void (*fdl_gemm_bf16_t)(int layout, int transa, int transb, int m, int n, int k, float alpha,
+                                const uint16_t* A, int lda, const uint16_t* B, int ldb, float beta,
+                                float* C, int ldc);
+
+static fdl_gemm_bf16_t fdl_mkl_gemm_bf16 = 0;
+
+static void fdl_bf16_set_mkl(size_t address) { fdl_mkl_gemm_bf16 = (fdl_gemm_bf16_t)address; }
+static int fdl_bf16_has_mkl(void) { return fdl_mkl_gemm_bf16 != 0; }
+
+static inline uint16_t fdl_f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x0040u);  /* quiet NaN */
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+static inline float fdl_bf16_round(float f) {
+    uint32_t u = (uint32_t)fdl_f32_to_bf16(f) << 16;
+    float r;
+    memcpy(&r, &u, 4);
+    return r;
+}
+
+/* Per-thread scratch: [0] and [1] for the two operands. */
+#if defined(_MSC_VER)
+#define FDL_TLS __declspec(thread)
+#else
+#define FDL_TLS __thread
+#endif
+static FDL_TLS void* fdl_bf16_buf[2] = {0, 0};
+static FDL_TLS size_t fdl_bf16_cap[2] = {0, 0};
+
+static void* fdl_bf16_scratch(int which, size_t bytes) {
+    if (bytes > fdl_bf16_cap[which]) {
+        void* p = realloc(fdl_bf16_buf[which], bytes);
+        if (!p) return 0;
+        fdl_bf16_buf[which] = p;
+        fdl_bf16_cap[which] = bytes;
+    }
+    return fdl_bf16_buf[which];
+}
+
+/* Copy the rows x cols row-major matrix at src (row stride ld) into a packed buffer, rounded. */
+static void fdl_pack_bf16(const float* src, int rows, int cols, int ld, uint16_t* dst) {
+    for (int i = 0; i < rows; i++) {
+        const float* s = src + (size_t)i * ld;
+        uint16_t* d = dst + (size_t)i * cols;
+        for (int j = 0; j < cols; j++) d[j] = fdl_f32_to_bf16(s[j]);
+    }
+}
+
+static void fdl_pack_rounded(const float* src, int rows, int cols, int ld, float* dst) {
+    for (int i = 0; i < rows; i++) {
+        const float* s = src + (size_t)i * ld;
+        float* d = dst + (size_t)i * cols;
+        for (int j = 0; j < cols; j++) d[j] = fdl_bf16_round(s[j]);
+    }
+}
+
+#endif
