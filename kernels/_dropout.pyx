@@ -61,7 +61,7 @@ cdef tc_void backward_chunk(const real* dout, const uint8_t* mask, real* dA, Py_
         dA[i] = dout[i] * (<real>mask[i] * scale)
 
 
-cdef void _forward(uint64_t key, uint64_t thr, const real* A, uint8_t* mask, real* out, Py_ssize_t n,
+cdef void dropout_forward_c(uint64_t key, uint64_t thr, const real* A, uint8_t* mask, real* out, Py_ssize_t n,
                    real scale) noexcept nogil:
     cdef int nt = nthreads(n, GRAIN)
     cdef Py_ssize_t per, lo, c
@@ -75,7 +75,7 @@ cdef void _forward(uint64_t key, uint64_t thr, const real* A, uint8_t* mask, rea
             forward_chunk(key, lo, min(per, n - lo), thr, A + lo, mask + lo, out + lo, scale)
 
 
-cdef void _backward(const real* dout, const uint8_t* mask, real* dA, Py_ssize_t n, real scale) noexcept nogil:
+cdef void dropout_backward_c(const real* dout, const uint8_t* mask, real* dA, Py_ssize_t n, real scale) noexcept nogil:
     cdef int nt = nthreads(n, GRAIN_BWD)
     cdef Py_ssize_t per, lo, c
     if nt == 1:
@@ -88,12 +88,15 @@ cdef void _backward(const real* dout, const uint8_t* mask, real* dA, Py_ssize_t 
             backward_chunk(dout + lo, mask + lo, dA + lo, min(per, n - lo), scale)
 
 
+cdef uint64_t dropout_key_c(uint64_t seed, uint64_t step, uint64_t layer) noexcept nogil:
+    """The contract's key; arguments already reduced modulo 2**64 (the sum with G wraps, as there)."""
+    return mix64(mix64(mix64(seed + 0x9E3779B97F4A7C15ULL) ^ step) ^ layer)
+
+
 cdef uint64_t _key(seed, step, layer) except? 0:
     # Python ints reduced modulo 2**64 first, as contract.dropout_key does.
-    cdef uint64_t s = (int(seed) + _GOLDEN) & _MASK64
-    cdef uint64_t st = int(step) & _MASK64
-    cdef uint64_t ly = int(layer) & _MASK64
-    return mix64(mix64(mix64(s) ^ st) ^ ly)
+    return dropout_key_c(<uint64_t>(int(seed) & _MASK64), <uint64_t>(int(step) & _MASK64),
+                         <uint64_t>(int(layer) & _MASK64))
 
 
 def dropout_key(seed, step, layer):
@@ -118,10 +121,10 @@ def dropout_forward(A, double keep_prob, seed, step, layer, mask, out):
     n = cnp.PyArray_SIZE(<cnp.ndarray>A)
     with nogil:
         if t == cnp.NPY_FLOAT:
-            _forward(key, thr, <float*>data(A), <uint8_t*>data(mask), <float*>data(out), n,
+            dropout_forward_c(key, thr, <float*>data(A), <uint8_t*>data(mask), <float*>data(out), n,
                      <float>1.0 / <float>keep_prob)
         else:
-            _forward(key, thr, <double*>data(A), <uint8_t*>data(mask), <double*>data(out), n, 1.0 / keep_prob)
+            dropout_forward_c(key, thr, <double*>data(A), <uint8_t*>data(mask), <double*>data(out), n, 1.0 / keep_prob)
 
 
 def dropout_backward(dout, mask, double keep_prob, dA):
@@ -134,6 +137,6 @@ def dropout_backward(dout, mask, double keep_prob, dA):
     n = cnp.PyArray_SIZE(<cnp.ndarray>dout)
     with nogil:
         if t == cnp.NPY_FLOAT:
-            _backward(<float*>data(dout), <uint8_t*>data(mask), <float*>data(dA), n, <float>1.0 / <float>keep_prob)
+            dropout_backward_c(<float*>data(dout), <uint8_t*>data(mask), <float*>data(dA), n, <float>1.0 / <float>keep_prob)
         else:
-            _backward(<double*>data(dout), <uint8_t*>data(mask), <double*>data(dA), n, 1.0 / keep_prob)
+            dropout_backward_c(<double*>data(dout), <uint8_t*>data(mask), <double*>data(dA), n, 1.0 / keep_prob)

@@ -22,6 +22,7 @@ from cython.parallel cimport prange
 from libc.math cimport exp, fabs, fabsf, log, log1p
 from libc.stdint cimport int64_t
 from libc.stdlib cimport free, malloc
+from libc.string cimport memset
 
 from _kernel_common cimport (data, dim, fastdl_expf, fastdl_log1pf, fastdl_max_threads, fastdl_reluf, fastdl_self,
                              is_empty, is_float, is_int64, nthreads, r_exp, real, real2, row_max, row_sum, rtype,
@@ -69,15 +70,19 @@ cdef inline void shifted_exp(const real* Z, real* E, real* zmax, Py_ssize_t nrow
 
 
 cdef tc_void sce_rows(const real* Z, const int64_t* y, real* dZ, bint grad, Py_ssize_t r0, Py_ssize_t r1,
-                      Py_ssize_t k, double inv_m, double* row_loss, real* scratch) noexcept nogil:
-    """Rows [r0, r1): losses into row_loss, and dZ when ``grad`` (else ``scratch`` holds the exps)."""
+                      Py_ssize_t k, double inv_m, const double* w, double sw, double* row_loss,
+                      real* scratch) noexcept nogil:
+    """Rows [r0, r1): losses into row_loss, and dZ when ``grad`` (else ``scratch`` holds the exps).
+
+    Weighted (``w`` not NULL): row i's loss times w_i, its gradient scaled by w_i/sw instead of 1/m.
+    """
     cdef real zmax[TILE]
     cdef Py_ssize_t rows_per = TILE // k if k <= TILE else 1
     cdef Py_ssize_t b0, nb, r, j, yi
     cdef real* E
     cdef real* e
     cdef real c, ey
-    cdef double s
+    cdef double s, f = inv_m
     b0 = r0
     while b0 < r1:
         nb = r1 - b0 if r1 - b0 < rows_per else rows_per
@@ -88,12 +93,15 @@ cdef tc_void sce_rows(const real* Z, const int64_t* y, real* dZ, bint grad, Py_s
             yi = y[b0 + r]
             s = row_sum(e, k)
             row_loss[b0 + r] = (<double>zmax[r] + log(s)) - <double>Z[(b0 + r) * k + yi]
+            if w != NULL:
+                f = w[b0 + r] / sw
+                row_loss[b0 + r] *= w[b0 + r]
             if grad:
                 ey = e[yi]
-                c = <real>(inv_m / s)
+                c = <real>(f / s)
                 for j in range(k):
                     e[j] = e[j] * c
-                e[yi] = <real>((ey / s - 1.0) * inv_m)       # p_y - 1 formed in float64
+                e[yi] = <real>((ey / s - 1.0) * f)       # p_y - 1 formed in float64
         b0 += nb
 
 
@@ -116,35 +124,64 @@ cdef tc_void softmax_rows(const real* Z, real* out, Py_ssize_t r0, Py_ssize_t r1
 
 
 cdef tc_void bce_rows(const real* Z, const real2* y, real* dZ, bint grad, Py_ssize_t r0, Py_ssize_t r1,
-                      double m, double* row_loss) noexcept nogil:
-    """Per-row ``max(z,0) - z*t + log1p(exp(-|z|))`` and ``dZ = (sigmoid(z) - t) / m``.
+                      Py_ssize_t k, double m, const double* w, double sw, double* row_loss) noexcept nogil:
+    """Per-row sum over the k outputs of ``max(z,0) - z*t + log1p(exp(-|z|))`` and ``dZ = (sigmoid(z) - t) / m``.
 
-    float32: float32 arithmetic with the vectorised exp / log1p (each row's
+    float32: float32 arithmetic with the vectorised exp / log1p (each element's
     loss is >= 0, so the float64 mean keeps the float32 relative accuracy);
-    float64: libm in float64.
+    float64: libm in float64. Weighted (``w`` not NULL): row i's loss times w_i,
+    its gradient times w_i/sw instead of divided by m.
     """
-    cdef Py_ssize_t i
-    cdef double zd, td, ed
-    cdef float zf, tf, ef, mf = <float>m, one = 1, zero = 0
+    cdef Py_ssize_t i, j, e
+    cdef double zd, td, ed, acc, fd
+    cdef float zf, tf, ef, mf = <float>m, one = 1, zero = 0, ff
     if real is float:
-        for i in range(r0, r1):
-            zf = Z[i]
-            tf = <float>y[i]
-            ef = fastdl_expf(-fabsf(zf))
-            row_loss[i] = fastdl_reluf(zf) - zf * tf + fastdl_log1pf(ef)
-        if grad:
+        if k == 1:
             for i in range(r0, r1):
                 zf = Z[i]
+                tf = <float>y[i]
                 ef = fastdl_expf(-fabsf(zf))
-                dZ[i] = (fastdl_self(zf >= zero, one, ef) / (one + ef) - <float>y[i]) / mf
+                row_loss[i] = fastdl_reluf(zf) - zf * tf + fastdl_log1pf(ef)
+        else:
+            for i in range(r0, r1):
+                acc = 0.0
+                for j in range(k):
+                    e = i * k + j
+                    zf = Z[e]
+                    tf = <float>y[e]
+                    ef = fastdl_expf(-fabsf(zf))
+                    acc += fastdl_reluf(zf) - zf * tf + fastdl_log1pf(ef)
+                row_loss[i] = acc
+        if grad and w == NULL:
+            for e in range(r0 * k, r1 * k):
+                zf = Z[e]
+                ef = fastdl_expf(-fabsf(zf))
+                dZ[e] = (fastdl_self(zf >= zero, one, ef) / (one + ef) - <float>y[e]) / mf
+        elif grad:
+            for i in range(r0, r1):
+                ff = <float>(w[i] / sw)
+                for e in range(i * k, i * k + k):
+                    zf = Z[e]
+                    ef = fastdl_expf(-fabsf(zf))
+                    dZ[e] = (fastdl_self(zf >= zero, one, ef) / (one + ef) - <float>y[e]) * ff
     else:
         for i in range(r0, r1):
-            zd = Z[i]
-            td = y[i]
-            ed = exp(-fabs(zd))
-            row_loss[i] = (zd if zd > 0.0 else 0.0) - zd * td + log1p(ed)
-            if grad:
-                dZ[i] = (((1.0 if zd >= 0.0 else ed) / (1.0 + ed)) - td) / m
+            acc = 0.0
+            fd = w[i] / sw if w != NULL else 0.0
+            for e in range(i * k, i * k + k):
+                zd = Z[e]
+                td = y[e]
+                ed = exp(-fabs(zd))
+                acc += (zd if zd > 0.0 else 0.0) - zd * td + log1p(ed)
+                if grad:
+                    if w == NULL:
+                        dZ[e] = (((1.0 if zd >= 0.0 else ed) / (1.0 + ed)) - td) / m
+                    else:
+                        dZ[e] = (((1.0 if zd >= 0.0 else ed) / (1.0 + ed)) - td) * fd
+            row_loss[i] = acc
+    if w != NULL:
+        for i in range(r0, r1):
+            row_loss[i] *= w[i]
 
 
 cdef tc_double mse_block(const real* Yh, const real2* Y, real* dZ, bint grad, Py_ssize_t n,
@@ -173,6 +210,27 @@ cdef tc_double mse_block(const real* Yh, const real2* Y, real* dZ, bint grad, Py
     return s
 
 
+cdef tc_void mse_rows_w(const real* Yh, const real2* Y, real* dZ, bint grad, Py_ssize_t r0, Py_ssize_t r1,
+                        Py_ssize_t k, const double* w, double sw, double* row_loss) noexcept nogil:
+    """Weighted MSE rows: row_loss[i] = w_i * sum_j (yh - y)**2 (float64), dZ = (yh - y) * (w_i/sw)."""
+    cdef Py_ssize_t i, j
+    cdef double d, acc, f
+    cdef const real* yh
+    cdef const real2* yy
+    for i in range(r0, r1):
+        yh = Yh + i * k
+        yy = Y + i * k
+        f = w[i] / sw
+        if grad:
+            for j in range(k):
+                dZ[i * k + j] = <real>((<double>yh[j] - <double>yy[j]) * f)
+        acc = 0.0
+        for j in range(k):
+            d = <double>yh[j] - <double>yy[j]
+            acc += d * d
+        row_loss[i] = w[i] * acc
+
+
 # ------------------------------------------------------------------ drivers
 
 cdef inline double ordered_sum(const double* x, Py_ssize_t n) noexcept nogil:
@@ -185,23 +243,49 @@ cdef inline int row_threads(Py_ssize_t m, Py_ssize_t work, Py_ssize_t grain) noe
     return <int>m if nt > m else nt
 
 
-cdef double _sce(const real* Z, const int64_t* y, real* dZ, bint grad, Py_ssize_t m, Py_ssize_t k,
-                 double* row_loss, real* scratch, int max_nt) noexcept nogil:
+cdef double seq_sum(const double* w, Py_ssize_t n) noexcept nogil:
+    """sum(w) added left to right from 0.0 (the weight convention of every executor: board / plan.py)."""
+    cdef double s = 0.0
+    cdef Py_ssize_t i
+    for i in range(n):
+        s += w[i]
+    return s
+
+
+cdef double zero_weights(real* dZ, bint grad, Py_ssize_t n) noexcept nogil:
+    """A batch whose weights sum to 0 contributes nothing: loss 0, dZ 0 (the contract)."""
+    if grad:
+        memset(dZ, 0, n * sizeof(real))
+    return 0.0
+
+
+cdef Py_ssize_t loss_buffer_size(Py_ssize_t m, Py_ssize_t k) noexcept nogil:
+    """float64 scratch (row losses / partial sums) the loss cores need for an (m, k) batch."""
+    cdef Py_ssize_t nb = (m * k + BLOCK - 1) // BLOCK
+    return nb if nb > m else m
+
+
+cdef double sce_c(const real* Z, const int64_t* y, real* dZ, bint grad, Py_ssize_t m, Py_ssize_t k,
+                  const double* w, double sw, double* row_loss, real* scratch, int max_nt) noexcept nogil:
     # without grad, ``scratch`` holds max_nt tiles of max(k, TILE) elements for the exponentials
     cdef int nt = row_threads(m, m * k, GRAIN_EXP)
     cdef Py_ssize_t per, c
     cdef Py_ssize_t tile = k if k > TILE else TILE
     cdef double inv_m = 1.0 / m
+    if w != NULL and sw == 0.0:
+        return zero_weights(dZ, grad, m * k)
     if nt > max_nt:
         nt = max_nt
     if nt <= 1:
-        sce_rows(Z, y, dZ, grad, 0, m, k, inv_m, row_loss, scratch)
+        sce_rows(Z, y, dZ, grad, 0, m, k, inv_m, w, sw, row_loss, scratch)
     else:
         per = (m + nt - 1) // nt
         for c in prange(nt, num_threads=nt, schedule='static'):
             if c * per < m:
-                sce_rows(Z, y, dZ, grad, c * per, min(m, (c + 1) * per), k, inv_m, row_loss,
+                sce_rows(Z, y, dZ, grad, c * per, min(m, (c + 1) * per), k, inv_m, w, sw, row_loss,
                          scratch + c * tile if scratch != NULL else NULL)
+    if w != NULL:
+        return ordered_sum(row_loss, m) / sw
     return ordered_sum(row_loss, m) / m
 
 
@@ -217,16 +301,21 @@ cdef void _softmax(const real* Z, real* out, Py_ssize_t m, Py_ssize_t k) noexcep
             softmax_rows(Z, out, c * per, min(m, (c + 1) * per), k)
 
 
-cdef double _bce(const real* Z, const real2* y, real* dZ, bint grad, Py_ssize_t m, double* row_loss) noexcept nogil:
-    cdef int nt = row_threads(m, m, GRAIN_ROWS)
+cdef double bce_c(const real* Z, const real2* y, real* dZ, bint grad, Py_ssize_t m, Py_ssize_t k,
+                  const double* w, double sw, double* row_loss) noexcept nogil:
+    cdef int nt = row_threads(m, m * k, GRAIN_ROWS)
     cdef Py_ssize_t per, c
+    if w != NULL and sw == 0.0:
+        return zero_weights(dZ, grad, m * k)
     if nt <= 1:
-        bce_rows(Z, y, dZ, grad, 0, m, <double>m, row_loss)
+        bce_rows(Z, y, dZ, grad, 0, m, k, <double>m, w, sw, row_loss)
     else:
         per = (m + nt - 1) // nt
         for c in prange(nt, num_threads=nt, schedule='static'):
             if c * per < m:
-                bce_rows(Z, y, dZ, grad, c * per, min(m, (c + 1) * per), <double>m, row_loss)
+                bce_rows(Z, y, dZ, grad, c * per, min(m, (c + 1) * per), k, <double>m, w, sw, row_loss)
+    if w != NULL:
+        return ordered_sum(row_loss, m) / sw
     return ordered_sum(row_loss, m) / m
 
 
@@ -239,14 +328,26 @@ cdef tc_void mse_blocks(const real* Yh, const real2* Y, real* dZ, bint grad, Py_
                                inv_m)
 
 
-cdef double _mse(const real* Yh, const real2* Y, real* dZ, bint grad, Py_ssize_t m, Py_ssize_t k,
-                 double* partial) noexcept nogil:
-    # fixed blocks of BLOCK elements, partial sums added in block order
+cdef double mse_c(const real* Yh, const real2* Y, real* dZ, bint grad, Py_ssize_t m, Py_ssize_t k,
+                  const double* w, double sw, double* partial) noexcept nogil:
+    # fixed blocks of BLOCK elements, partial sums added in block order; weighted: rows, row sums in order
     cdef Py_ssize_t n = m * k
     cdef Py_ssize_t nb = (n + BLOCK - 1) // BLOCK
     cdef int nt = nthreads(nb, GRAIN_MSE // BLOCK)
     cdef Py_ssize_t per, c
     cdef double inv_m = 1.0 / m
+    if w != NULL and sw == 0.0:
+        return zero_weights(dZ, grad, n)
+    if w != NULL:
+        nt = row_threads(m, n, GRAIN_MSE)
+        if nt <= 1:
+            mse_rows_w(Yh, Y, dZ, grad, 0, m, k, w, sw, partial)
+        else:
+            per = (m + nt - 1) // nt
+            for c in prange(nt, num_threads=nt, schedule='static'):
+                if c * per < m:
+                    mse_rows_w(Yh, Y, dZ, grad, c * per, min(m, (c + 1) * per), k, w, sw, partial)
+        return 0.5 * ordered_sum(partial, m) / sw
     if nt <= 1:
         mse_blocks(Yh, Y, dZ, grad, n, 0, nb, inv_m, partial)
     else:
@@ -266,8 +367,26 @@ cdef inline double* loss_buffer(Py_ssize_t n) except NULL:
     return p
 
 
-def softmax_cross_entropy(Z, y, dZ):
-    """Mean of ``logsumexp(z) - z_y``; ``dZ = (softmax(Z) - onehot(y)) / m`` unless ``dZ`` is empty."""
+cdef double* weights_of(object w, Py_ssize_t m, double* sw) except? NULL:
+    """The float64 weights of an m-row batch (NULL: unweighted) and their left-to-right sum."""
+    cdef const double* p
+    if w is None or is_empty(w):
+        return NULL
+    if not (rtype(w, 1) == cnp.NPY_DOUBLE and dim(w, 0) == m):
+        raise ValueError(f"w must be a C-contiguous float64 array of shape ({m},) (one weight per row), "
+                         f"or empty for unweighted; got {getattr(w, 'dtype', type(w))} {getattr(w, 'shape', '')}")
+    p = <const double*>data(w)
+    sw[0] = seq_sum(p, m)     # the weights' values are validated by the model (finite, >= 0)
+    return <double*>p
+
+
+def softmax_cross_entropy(Z, y, dZ, w=None):
+    """Mean of ``logsumexp(z) - z_y``; ``dZ = (softmax(Z) - onehot(y)) / m`` unless ``dZ`` is empty.
+
+    With per-example weights ``w`` (float64 (m,), empty = unweighted): ``sum(w_i L_i) / sum(w)`` and
+    ``dZ_i = w_i (softmax(z_i) - onehot(y_i)) / sum(w)`` (scikit-learn's rule; ``sum(w)`` added left to
+    right; a batch whose weights sum to 0 gives loss 0 and dZ 0).
+    """
     cdef int t = rtype(Z, 2)
     cdef Py_ssize_t m = 0, k = 0, i
     cdef bint grad
@@ -275,14 +394,16 @@ def softmax_cross_entropy(Z, y, dZ):
     cdef double* buf
     cdef void* scratch = NULL
     cdef int max_nt
-    cdef double loss
+    cdef double loss, sw = 0.0
+    cdef double* wp
     if is_float(t):
         m = dim(Z, 0)
         k = dim(Z, 1)
     grad = not is_empty(dZ)
     if not (is_float(t) and m > 0 and k > 0 and is_int64(y) and dim(y, 0) == m
             and (not grad or (wtype(dZ, 2) == t and dim(dZ, 0) == m and dim(dZ, 1) == k))):
-        return _ref.softmax_cross_entropy(Z, y, dZ)
+        return _ref.softmax_cross_entropy(Z, y, dZ) if w is None else _ref.softmax_cross_entropy(Z, y, dZ, w)
+    wp = weights_of(w, m, &sw)
     yp = <const int64_t*>data(y)
     for i in range(m):
         if yp[i] < 0 or yp[i] >= k:
@@ -295,11 +416,11 @@ def softmax_cross_entropy(Z, y, dZ):
     buf = loss_buffer(m)
     with nogil:
         if t == cnp.NPY_FLOAT:
-            loss = _sce(<float*>data(Z), yp, <float*>data(dZ) if grad else NULL, grad, m, k, buf,
-                        <float*>scratch, max_nt)
+            loss = sce_c(<float*>data(Z), yp, <float*>data(dZ) if grad else NULL, grad, m, k, wp, sw, buf,
+                         <float*>scratch, max_nt)
         else:
-            loss = _sce(<double*>data(Z), yp, <double*>data(dZ) if grad else NULL, grad, m, k, buf,
-                        <double*>scratch, max_nt)
+            loss = sce_c(<double*>data(Z), yp, <double*>data(dZ) if grad else NULL, grad, m, k, wp, sw, buf,
+                         <double*>scratch, max_nt)
     free(buf)
     free(scratch)
     return loss
@@ -321,63 +442,89 @@ def softmax(Z, out):
             _softmax(<double*>data(Z), <double*>data(out), m, k)
 
 
-def sigmoid_bce(Z, y, dZ):
-    """Mean of ``max(z,0) - z*y + log1p(exp(-|z|))``; ``dZ = (sigmoid(z) - y) / m`` unless empty."""
+def sigmoid_bce(Z, y, dZ, w=None):
+    """Mean over rows of the per-row SUM over the k outputs of ``max(z,0) - z*y + log1p(exp(-|z|))``;
+    ``dZ = (sigmoid(Z) - y) / m`` unless ``dZ`` is empty.
+
+    ``Z`` (m, k), ``y`` (m, k) float 0/1 (or (m,) when k == 1). Weights ``w`` as in
+    :func:`softmax_cross_entropy`.
+    """
     cdef int t = rtype(Z, 2)
-    cdef int ty = rtype(y, 1)
-    cdef Py_ssize_t m = 0
-    cdef bint grad
+    cdef int ty = -1
+    cdef Py_ssize_t m = 0, k = 0
+    cdef bint grad, y_ok = False
     cdef double* buf
-    cdef double loss
+    cdef double loss, sw = 0.0
+    cdef double* wp
     if is_float(t):
         m = dim(Z, 0)
+        k = dim(Z, 1)
+        ty = rtype(y, 1)
+        if is_float(ty):
+            y_ok = k == 1 and dim(y, 0) == m
+        else:
+            ty = rtype(y, 2)
+            y_ok = is_float(ty) and dim(y, 0) == m and dim(y, 1) == k
     grad = not is_empty(dZ)
-    if not (is_float(t) and m > 0 and dim(Z, 1) == 1 and is_float(ty) and dim(y, 0) == m
-            and (not grad or (wtype(dZ, 2) == t and dim(dZ, 0) == m and dim(dZ, 1) == 1))):
-        return _ref.sigmoid_bce(Z, y, dZ)
+    if not (is_float(t) and m > 0 and k > 0 and y_ok
+            and (not grad or (wtype(dZ, 2) == t and dim(dZ, 0) == m and dim(dZ, 1) == k))):
+        return _ref.sigmoid_bce(Z, y, dZ) if w is None else _ref.sigmoid_bce(Z, y, dZ, w)
+    wp = weights_of(w, m, &sw)
     buf = loss_buffer(m)
     with nogil:
         if t == cnp.NPY_FLOAT:
             if ty == cnp.NPY_FLOAT:
-                loss = _bce(<float*>data(Z), <float*>data(y), <float*>data(dZ) if grad else NULL, grad, m, buf)
+                loss = bce_c(<float*>data(Z), <float*>data(y), <float*>data(dZ) if grad else NULL, grad, m, k, wp,
+                             sw, buf)
             else:
-                loss = _bce(<float*>data(Z), <double*>data(y), <float*>data(dZ) if grad else NULL, grad, m, buf)
+                loss = bce_c(<float*>data(Z), <double*>data(y), <float*>data(dZ) if grad else NULL, grad, m, k, wp,
+                             sw, buf)
         else:
             if ty == cnp.NPY_FLOAT:
-                loss = _bce(<double*>data(Z), <float*>data(y), <double*>data(dZ) if grad else NULL, grad, m, buf)
+                loss = bce_c(<double*>data(Z), <float*>data(y), <double*>data(dZ) if grad else NULL, grad, m, k,
+                             wp, sw, buf)
             else:
-                loss = _bce(<double*>data(Z), <double*>data(y), <double*>data(dZ) if grad else NULL, grad, m, buf)
+                loss = bce_c(<double*>data(Z), <double*>data(y), <double*>data(dZ) if grad else NULL, grad, m, k,
+                             wp, sw, buf)
     free(buf)
     return loss
 
 
-def mse(Yhat, Y, dZ):
-    """Mean of ``0.5 * ||yhat - y||^2`` per row; ``dZ = (Yhat - Y) / m`` unless ``dZ`` is empty."""
+def mse(Yhat, Y, dZ, w=None):
+    """Mean of ``0.5 * ||yhat - y||^2`` per row; ``dZ = (Yhat - Y) / m`` unless ``dZ`` is empty.
+
+    Weights ``w`` as in :func:`softmax_cross_entropy`.
+    """
     cdef int t = rtype(Yhat, 2)
     cdef int ty = rtype(Y, 2)
     cdef Py_ssize_t m = 0, k = 0
     cdef bint grad
     cdef double* buf
-    cdef double loss
+    cdef double loss, sw = 0.0
+    cdef double* wp
     if is_float(t):
         m = dim(Yhat, 0)
         k = dim(Yhat, 1)
     grad = not is_empty(dZ)
     if not (is_float(t) and m > 0 and is_float(ty) and dim(Y, 0) == m and dim(Y, 1) == k
             and (not grad or (wtype(dZ, 2) == t and dim(dZ, 0) == m and dim(dZ, 1) == k))):
-        return _ref.mse(Yhat, Y, dZ)
-    buf = loss_buffer((m * k + BLOCK - 1) // BLOCK)
+        return _ref.mse(Yhat, Y, dZ) if w is None else _ref.mse(Yhat, Y, dZ, w)
+    wp = weights_of(w, m, &sw)
+    buf = loss_buffer(loss_buffer_size(m, k))
     with nogil:
         if t == cnp.NPY_FLOAT:
             if ty == cnp.NPY_FLOAT:
-                loss = _mse(<float*>data(Yhat), <float*>data(Y), <float*>data(dZ) if grad else NULL, grad, m, k, buf)
+                loss = mse_c(<float*>data(Yhat), <float*>data(Y), <float*>data(dZ) if grad else NULL, grad, m, k,
+                             wp, sw, buf)
             else:
-                loss = _mse(<float*>data(Yhat), <double*>data(Y), <float*>data(dZ) if grad else NULL, grad, m, k, buf)
+                loss = mse_c(<float*>data(Yhat), <double*>data(Y), <float*>data(dZ) if grad else NULL, grad, m, k,
+                             wp, sw, buf)
         else:
             if ty == cnp.NPY_FLOAT:
-                loss = _mse(<double*>data(Yhat), <float*>data(Y), <double*>data(dZ) if grad else NULL, grad, m, k, buf)
+                loss = mse_c(<double*>data(Yhat), <float*>data(Y), <double*>data(dZ) if grad else NULL, grad, m, k,
+                             wp, sw, buf)
             else:
-                loss = _mse(<double*>data(Yhat), <double*>data(Y), <double*>data(dZ) if grad else NULL, grad, m, k,
-                            buf)
+                loss = mse_c(<double*>data(Yhat), <double*>data(Y), <double*>data(dZ) if grad else NULL, grad, m, k,
+                             wp, sw, buf)
     free(buf)
     return loss

@@ -2,8 +2,12 @@
 # distutils: extra_compile_args = -fno-math-errno
 """Optimiser steps over flat 1-D arrays (one fused pass each) and sum_squares.
 
-Scalars (learning rate, betas, bias corrections) are computed once per call
-in float64 and cast to the array dtype, so a float32 loop stays float32.
+The signatures are fastdl.plan's: the step's scalars ``c1`` / ``c2`` (learning
+rate and bias corrections, :func:`fastdl.plan.step_coefficients`) come from
+the caller; every scalar is cast once to the array dtype, so a float32 loop
+stays float32. ``opt_step_c`` (exported through ``_optim.pxd``) is the one
+nogil entry of every kind, called by these functions and by the epoch
+executor alike.
 Steps are memory bound (SGD and momentum purely so; RMSprop and Adam add a
 square root and a division per element); above a per-kernel number of
 elements per thread the arrays are cut into one contiguous chunk per thread.
@@ -72,6 +76,24 @@ cdef tc_void adam_chunk(real* p, const real* g, real* v, real* s, Py_ssize_t n, 
         p[i] = p[i] - step * vi / (r_sqrt(si * inv_bc2) + eps)
 
 
+cdef tc_void nesterov_chunk(real* p, const real* g, real* v, Py_ssize_t n, real mu, real c1,
+                            bint nesterov) noexcept nogil:
+    # scikit-learn's SGD momentum: v = mu*v - c1*g; p += mu*v - c1*g (Nesterov) or p += v
+    cdef Py_ssize_t i
+    cdef real vi, gi
+    if nesterov:
+        for i in range(n):
+            gi = g[i]
+            vi = mu * v[i] - c1 * gi
+            v[i] = vi
+            p[i] = p[i] + (mu * vi - c1 * gi)
+    else:
+        for i in range(n):
+            vi = mu * v[i] - c1 * g[i]
+            v[i] = vi
+            p[i] = p[i] + vi
+
+
 cdef tc_void sumsq_blocks(const real* x, Py_ssize_t n, Py_ssize_t b0, Py_ssize_t b1, double* partial) noexcept nogil:
     cdef Py_ssize_t b, lo
     for b in range(b0, b1):
@@ -80,53 +102,71 @@ cdef tc_void sumsq_blocks(const real* x, Py_ssize_t n, Py_ssize_t b0, Py_ssize_t
 
 
 # ------------------------------------------------------------------ drivers
-# One contiguous chunk per thread; ``which`` selects the update.
+# One contiguous chunk per thread; ``kind`` is fastdl.plan's OPT_* code.
 
 cdef enum:
-    SGD = 0
-    MOMENTUM = 1
-    RMSPROP = 2
-    ADAM = 3
+    OPT_SGD = 0
+    OPT_MOMENTUM = 1
+    OPT_RMSPROP = 2
+    OPT_ADAM = 3
+    OPT_CLASSICAL_MOMENTUM = 4
+    OPT_NESTEROV = 5
 
 
-cdef inline void run_chunk(int which, real* p, const real* g, real* v, real* s, Py_ssize_t lo, Py_ssize_t n,
-                           real a, real b, real c, real d, real e, real f, real h) noexcept nogil:
-    if which == SGD:
-        sgd_chunk(p + lo, g + lo, n, a)
-    elif which == MOMENTUM:
-        momentum_chunk(p + lo, g + lo, v + lo, n, a, b, c)
-    elif which == RMSPROP:
-        rmsprop_chunk(p + lo, g + lo, s + lo, n, a, b, c, d)
+cdef inline void run_chunk(int kind, real* p, const real* g, real* v, real* s, Py_ssize_t lo, Py_ssize_t n,
+                           real beta1, real omb1, real beta2, real omb2, real eps, real c1,
+                           real c2) noexcept nogil:
+    if kind == OPT_SGD:
+        sgd_chunk(p + lo, g + lo, n, c1)
+    elif kind == OPT_MOMENTUM:
+        momentum_chunk(p + lo, g + lo, v + lo, n, beta1, omb1, c1)
+    elif kind == OPT_RMSPROP:
+        rmsprop_chunk(p + lo, g + lo, s + lo, n, c1, beta2, omb2, eps)
+    elif kind == OPT_ADAM:
+        adam_chunk(p + lo, g + lo, v + lo, s + lo, n, beta1, omb1, beta2, omb2, c1, c2, eps)
     else:
-        adam_chunk(p + lo, g + lo, v + lo, s + lo, n, a, b, c, d, e, f, h)
+        nesterov_chunk(p + lo, g + lo, v + lo, n, beta1, c1, kind == OPT_NESTEROV)
 
 
-cdef void _step(int which, real* p, const real* g, real* v, real* s, Py_ssize_t n,
-                real a, real b, real c, real d, real e, real f, real h) noexcept nogil:
-    cdef int nt = nthreads(n, GRAIN_SQRT if which >= RMSPROP else GRAIN_STREAM)
+cdef void opt_step_c(int kind, real* p, const real* g, real* v, real* s, Py_ssize_t n, double beta1,
+                     double beta2, double eps, double c1, double c2) noexcept nogil:
+    """One optimiser step of kind ``kind`` (plan.OPT_*); c1/c2 from plan.step_coefficients.
+
+    The scalars are formed in float64 and cast once to the array dtype (a float32 loop stays float32).
+    """
+    cdef int nt = nthreads(n, GRAIN_SQRT if (kind == OPT_RMSPROP or kind == OPT_ADAM) else GRAIN_STREAM)
     cdef Py_ssize_t per, lo, k
+    cdef real b1 = <real>beta1, o1 = <real>(1.0 - beta1), b2 = <real>beta2, o2 = <real>(1.0 - beta2)
+    cdef real e = <real>eps, k1 = <real>c1, k2 = <real>c2
     if nt == 1:
-        run_chunk(which, p, g, v, s, 0, n, a, b, c, d, e, f, h)
+        run_chunk(kind, p, g, v, s, 0, n, b1, o1, b2, o2, e, k1, k2)
         return
     per = chunk_size(n, nt)
     for k in prange(nt, num_threads=nt, schedule='static'):
         lo = k * per
         if lo < n:
-            run_chunk(which, p, g, v, s, lo, min(per, n - lo), a, b, c, d, e, f, h)
+            run_chunk(kind, p, g, v, s, lo, min(per, n - lo), b1, o1, b2, o2, e, k1, k2)
 
 
-cdef int _sum_squares(const real* x, Py_ssize_t n, double* out) noexcept nogil:
+cdef Py_ssize_t ssq_partials(Py_ssize_t n) noexcept nogil:
+    """float64 partial sums sum_squares_c needs for n elements."""
+    return (n + BLOCK - 1) // BLOCK
+
+
+cdef int sum_squares_c(const real* x, Py_ssize_t n, double* out, double* scratch) noexcept nogil:
+    # scratch: ssq_partials(n) float64 from the caller, or NULL (allocated here)
     cdef Py_ssize_t nb = (n + BLOCK - 1) // BLOCK
     cdef int nt = nthreads(nb, GRAIN_STREAM // BLOCK)
-    cdef double* partial
+    cdef double* partial = scratch
     cdef double total = 0.0
     cdef Py_ssize_t b, per, k
     if nb <= 1:
         out[0] = row_sumsq(x, n)
         return 0
-    partial = <double*>malloc(nb * sizeof(double))
     if partial == NULL:
-        return -1
+        partial = <double*>malloc(nb * sizeof(double))
+        if partial == NULL:
+            return -1
     if nt == 1:
         sumsq_blocks(x, n, 0, nb, partial)
     else:
@@ -136,7 +176,8 @@ cdef int _sum_squares(const real* x, Py_ssize_t n, double* out) noexcept nogil:
                 sumsq_blocks(x, n, k * per, min(nb, (k + 1) * per), partial)
     for b in range(nb):
         total += partial[b]
-    free(partial)
+    if scratch == NULL:
+        free(partial)
     out[0] = total
     return 0
 
@@ -156,34 +197,35 @@ cdef inline bint state_ok(object a, int t, Py_ssize_t n):
     return wtype(a, 1) == t and dim(a, 0) == n
 
 
+cdef void step_any(int t, int kind, params, grads, v, s, Py_ssize_t n, double beta1, double beta2, double eps,
+                   double c1, double c2) noexcept:
+    cdef void* pv = data(v) if v is not None else NULL
+    cdef void* ps = data(s) if s is not None else NULL
+    with nogil:
+        if t == cnp.NPY_FLOAT:
+            opt_step_c(kind, <float*>data(params), <float*>data(grads), <float*>pv, <float*>ps, n, beta1, beta2,
+                       eps, c1, c2)
+        else:
+            opt_step_c(kind, <double*>data(params), <double*>data(grads), <double*>pv, <double*>ps, n, beta1,
+                       beta2, eps, c1, c2)
+
+
 def sgd_step(params, grads, double lr):
     """``params -= lr * grads``."""
     cdef Py_ssize_t n = 0
     cdef int t = flat_type(params, grads, &n)
     if t < 0:
         return _ref.sgd_step(params, grads, lr)
-    with nogil:
-        if t == cnp.NPY_FLOAT:
-            _step(SGD, <float*>data(params), <float*>data(grads), NULL, NULL, n, <float>lr, 0, 0, 0, 0, 0, 0)
-        else:
-            _step(SGD, <double*>data(params), <double*>data(grads), NULL, NULL, n, lr, 0, 0, 0, 0, 0, 0)
+    step_any(t, OPT_SGD, params, grads, None, None, n, 0.0, 0.0, 0.0, lr, 0.0)
 
 
-def momentum_step(params, grads, v, double lr, double beta, t, bias_correction):
-    """``v = beta*v + (1-beta)*grads``; ``params -= lr/(1-beta**t) * v`` (or ``lr * v``)."""
+def momentum_step(params, grads, v, double beta, double c1):
+    """``v = beta*v + (1-beta)*grads``; ``params -= c1 * v`` (c1 = lr, or lr/(1-beta**t) with bias correction)."""
     cdef Py_ssize_t n = 0
-    cdef int ty = flat_type(params, grads, &n)
-    cdef double scale
-    if ty < 0 or not state_ok(v, ty, n):
-        return _ref.momentum_step(params, grads, v, lr, beta, t, bias_correction)
-    scale = lr / (1.0 - beta ** t) if bias_correction else lr
-    with nogil:
-        if ty == cnp.NPY_FLOAT:
-            _step(MOMENTUM, <float*>data(params), <float*>data(grads), <float*>data(v), NULL, n,
-                  <float>beta, <float>(1.0 - beta), <float>scale, 0, 0, 0, 0)
-        else:
-            _step(MOMENTUM, <double*>data(params), <double*>data(grads), <double*>data(v), NULL, n,
-                  beta, 1.0 - beta, scale, 0, 0, 0, 0)
+    cdef int t = flat_type(params, grads, &n)
+    if t < 0 or not state_ok(v, t, n):
+        return _ref.momentum_step(params, grads, v, beta, c1)
+    step_any(t, OPT_MOMENTUM, params, grads, v, None, n, beta, 0.0, 0.0, c1, 0.0)
 
 
 def rmsprop_step(params, grads, s, double lr, double beta2, double eps):
@@ -192,32 +234,26 @@ def rmsprop_step(params, grads, s, double lr, double beta2, double eps):
     cdef int t = flat_type(params, grads, &n)
     if t < 0 or not state_ok(s, t, n):
         return _ref.rmsprop_step(params, grads, s, lr, beta2, eps)
-    with nogil:
-        if t == cnp.NPY_FLOAT:
-            _step(RMSPROP, <float*>data(params), <float*>data(grads), NULL, <float*>data(s), n,
-                  <float>lr, <float>beta2, <float>(1.0 - beta2), <float>eps, 0, 0, 0)
-        else:
-            _step(RMSPROP, <double*>data(params), <double*>data(grads), NULL, <double*>data(s), n,
-                  lr, beta2, 1.0 - beta2, eps, 0, 0, 0)
+    step_any(t, OPT_RMSPROP, params, grads, None, s, n, 0.0, beta2, eps, lr, 0.0)
 
 
-def adam_step(params, grads, v, s, double lr, double beta1, double beta2, double eps, t):
-    """Adam with bias correction (``t`` counts updates from 1)."""
+def adam_step(params, grads, v, s, double beta1, double beta2, double eps, double c1, double c2):
+    """Adam: ``v``, ``s`` updated; ``params -= c1 * v / (sqrt(c2 * s) + eps)`` (c1 = lr/(1-beta1**t), c2 = 1/(1-beta2**t))."""
     cdef Py_ssize_t n = 0
-    cdef int ty = flat_type(params, grads, &n)
-    cdef double step, inv_bc2
-    if ty < 0 or not state_ok(v, ty, n) or not state_ok(s, ty, n):
-        return _ref.adam_step(params, grads, v, s, lr, beta1, beta2, eps, t)
-    step = lr / (1.0 - beta1 ** t)          # bias corrections, once per step
-    inv_bc2 = 1.0 / (1.0 - beta2 ** t)
-    with nogil:
-        if ty == cnp.NPY_FLOAT:
-            _step(ADAM, <float*>data(params), <float*>data(grads), <float*>data(v), <float*>data(s), n,
-                  <float>beta1, <float>(1.0 - beta1), <float>beta2, <float>(1.0 - beta2), <float>step,
-                  <float>inv_bc2, <float>eps)
-        else:
-            _step(ADAM, <double*>data(params), <double*>data(grads), <double*>data(v), <double*>data(s), n,
-                  beta1, 1.0 - beta1, beta2, 1.0 - beta2, step, inv_bc2, eps)
+    cdef int t = flat_type(params, grads, &n)
+    if t < 0 or not state_ok(v, t, n) or not state_ok(s, t, n):
+        return _ref.adam_step(params, grads, v, s, beta1, beta2, eps, c1, c2)
+    step_any(t, OPT_ADAM, params, grads, v, s, n, beta1, beta2, eps, c1, c2)
+
+
+def nesterov_step(params, grads, v, double mu, double c1, bint nesterov):
+    """scikit-learn's momentum: ``v = mu*v - c1*grads``; ``params += mu*v - c1*grads`` (Nesterov) or ``+= v``."""
+    cdef Py_ssize_t n = 0
+    cdef int t = flat_type(params, grads, &n)
+    if t < 0 or not state_ok(v, t, n):
+        return _ref.nesterov_step(params, grads, v, mu, c1, nesterov)
+    step_any(t, OPT_NESTEROV if nesterov else OPT_CLASSICAL_MOMENTUM, params, grads, v, None, n, mu, 0.0, 0.0,
+             c1, 0.0)
 
 
 cdef extern from "fastdl_finite.h":
@@ -225,7 +261,7 @@ cdef extern from "fastdl_finite.h":
     int fdl_any_nonfinite_f64(const double* x, Py_ssize_t n) noexcept nogil
 
 
-cdef int _any_nonfinite(const real* x, Py_ssize_t n) noexcept nogil:
+cdef int any_nonfinite_c(const real* x, Py_ssize_t n) noexcept nogil:
     # one contiguous part per thread above the streaming grain, like sum_squares
     cdef int nt = nthreads(n, GRAIN_STREAM)
     cdef Py_ssize_t per, k
@@ -250,9 +286,9 @@ def all_finite(x):
         return _ref.all_finite(x)
     with nogil:
         if t == cnp.NPY_FLOAT:
-            bad = _any_nonfinite(<float*>data(x), dim(x, 0))
+            bad = any_nonfinite_c(<float*>data(x), dim(x, 0))
         else:
-            bad = _any_nonfinite(<double*>data(x), dim(x, 0))
+            bad = any_nonfinite_c(<double*>data(x), dim(x, 0))
     return not bad
 
 
@@ -265,9 +301,9 @@ def sum_squares(x):
         return _ref.sum_squares(x)
     with nogil:
         if t == cnp.NPY_FLOAT:
-            rc = _sum_squares(<float*>data(x), dim(x, 0), &out)
+            rc = sum_squares_c(<float*>data(x), dim(x, 0), &out, NULL)
         else:
-            rc = _sum_squares(<double*>data(x), dim(x, 0), &out)
+            rc = sum_squares_c(<double*>data(x), dim(x, 0), &out, NULL)
     if rc != 0:
         raise MemoryError()
     return out

@@ -41,6 +41,10 @@ from fastdl.backends.contract import KERNELS  # noqa: E402
 from fastdl._kernels._dropout import dropout_backward, dropout_forward  # noqa: E402
 from fastdl._kernels._losses import mse, sigmoid_bce, softmax, softmax_cross_entropy  # noqa: E402
 from fastdl._kernels._optim import (  # noqa: E402
-    adam_step, all_finite, momentum_step, rmsprop_step, sgd_step, sum_squares)
+    adam_step, all_finite, momentum_step, nesterov_step, rmsprop_step, sgd_step, sum_squares)
+# The whole-epoch executor (kernels/_epoch.pyx): epoch_executor(plan, batch_size, opt_spec) ->
+# fastdl.plan.EpochExecutor, one nogil C loop per epoch over the plan, bit-identical to this
+# backend's per-layer path (it calls the same compiled cores).
+from fastdl._kernels._epoch import epoch_executor  # noqa: E402
 
-__all__ = [*KERNELS, "build_info"]
+__all__ = [*KERNELS, "build_info", "epoch_executor"]

@@ -1,0 +1,487 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
+"""The Cython whole-epoch executor: one nogil C loop per epoch over fastdl.plan's encoding.
+
+:class:`CythonEpochExecutor` reads only the plan (``plan.layout(B)``'s
+``iprog`` / ``fprog``, ``dense_weights``, the loss code, ``l2`` /
+``l2_scale``, the precision column) and an :class:`fastdl.plan.OptimizerSpec`;
+it never sees a model, layer or optimiser object. For every mini-batch of
+``perm`` it runs, without the GIL and without allocating:
+
+gather rows -> forward (Dense + fused activation, BatchNorm (train),
+activation, dropout) -> loss and dZ (softmax CE / sigmoid BCE / MSE, optional
+per-example weights) -> backward -> L2 term -> error count -> finite check ->
+optimiser step (per-step c1/c2).
+
+Each op calls the SAME compiled nogil core as the Cython backend's kernel
+entry points (cimported through ``kernels/fastdl/_kernels/*.pxd``): the
+per-layer path with ``backend='cython'`` and this executor run the same
+machine code on the same buffers in the same order, so their results are
+bit-identical; the scalars computed between kernels (``l2_over_m``, the L2
+term, ``J``, the weights' sum) use the per-layer executor's expressions, in
+float64, in the same order (see ``fastdl/plan.py`` and the board contract).
+"""
+cimport numpy as cnp
+from libc.math cimport isfinite
+from libc.stdint cimport int64_t, uint8_t, uint64_t
+from libc.stdlib cimport free, malloc
+from libc.string cimport memcpy
+
+from _kernel_common cimport data, dim, fastdl_max_threads, real, rtype, wtype
+from fastdl._kernels._batchnorm cimport bn_backward_c, bn_forward_train_c, bn_work_size
+from fastdl._kernels._dense cimport activation_backward_c, activation_forward_c, dense_backward_c, dense_forward_c
+from fastdl._kernels._dropout cimport dropout_backward_c, dropout_forward_c, dropout_key_c
+from fastdl._kernels._losses cimport bce_c, loss_buffer_size, mse_c, sce_c, seq_sum
+from fastdl._kernels._optim cimport any_nonfinite_c, opt_step_c, ssq_partials, sum_squares_c
+
+import numpy as np
+
+from fastdl import plan as _plan
+
+cnp.import_array()
+
+# The plan's codes, read from fastdl.plan (the one encoding) at import.
+cdef int OP_DENSE = _plan.OP_DENSE
+cdef int OP_BATCHNORM = _plan.OP_BATCHNORM
+cdef int OP_ACTIVATION = _plan.OP_ACTIVATION
+cdef int OP_DROPOUT = _plan.OP_DROPOUT
+cdef int LOSS_SOFTMAX_CE = _plan.LOSS_SOFTMAX_CE
+cdef int LOSS_SIGMOID_BCE = _plan.LOSS_SIGMOID_BCE
+cdef int LOSS_MSE = _plan.LOSS_MSE
+
+_MASK64 = 0xFFFFFFFFFFFFFFFF
+
+
+cdef struct Op:
+    int kind
+    int n_in
+    int n_out
+    int act
+    int has_b
+    uint64_t layer
+    Py_ssize_t p0, p1, s0, out, dx, mean, inv, mask
+    double keep, eps, mom
+
+
+cdef struct Run:
+    # the plan at one batch size
+    Op* ops
+    int n_ops
+    int loss
+    int n_features
+    int k
+    Py_ssize_t B
+    Py_ssize_t n_params
+    Py_ssize_t dlog
+    int64_t* dense          # (n_dense, 2) [start, stop) of every Dense W in params
+    int n_dense
+    double l2
+    int l2_dataset
+    # the optimiser
+    int opt_kind
+    double beta1, beta2, opt_eps
+    # this epoch's arrays
+    const void* X
+    const void* y
+    const double* w         # NULL: unweighted
+    const int64_t* perm
+    Py_ssize_t n_rows       # len(perm)
+    void* params
+    void* grads
+    void* state
+    void* v
+    void* s
+    const double* c1
+    const double* c2
+    uint64_t step0
+    uint64_t seed
+    double n_total
+    double* costs
+    double* losses
+    # executor-owned buffers
+    void* ws
+    uint8_t* masks
+    void* xbuf
+    void* ybuf
+    double* wbuf
+    double* rowbuf          # per-row losses / partial sums of the loss
+    double* bnwork          # BatchNorm scratch
+    double* ssqbuf          # sum_squares partials
+    # results
+    Py_ssize_t steps
+    Py_ssize_t wrong
+    int status
+
+
+cdef inline Py_ssize_t argmax_row(const real* row, Py_ssize_t k) noexcept nogil:
+    """First index of the maximum, a NaN counting as the maximum (NumPy's argmax)."""
+    cdef Py_ssize_t c, best = 0
+    if row[0] != row[0]:
+        return 0
+    for c in range(1, k):
+        if row[c] > row[best]:
+            best = c
+        elif row[c] != row[c]:
+            return c
+    return best
+
+
+cdef real* forward(Run* r, const real* xb, Py_ssize_t m, uint64_t step) noexcept nogil:
+    """Training-mode forward of an m-row batch; returns the last op's output (the logits)."""
+    cdef real* ws = <real*>r.ws
+    cdef real* params = <real*>r.params
+    cdef real* state = <real*>r.state
+    cdef const real* x = xb
+    cdef real* out = NULL
+    cdef Op* op
+    cdef int j
+    cdef real scale
+    for j in range(r.n_ops):
+        op = &r.ops[j]
+        out = ws + op.out
+        if op.kind == OP_DENSE:
+            dense_forward_c(x, params + op.p0, params + op.p1 if op.has_b else NULL, op.has_b, op.act, out,
+                            <int>m, op.n_in, op.n_out)
+        elif op.kind == OP_BATCHNORM:
+            bn_forward_train_c(x, params + op.p0, params + op.p0 + op.n_out, op.eps, op.mom, state + op.s0,
+                               state + op.s0 + op.n_out, ws + op.mean, ws + op.inv, out, m, op.n_out, r.bnwork)
+        elif op.kind == OP_ACTIVATION:
+            activation_forward_c(x, out, m * op.n_out, op.act)
+        else:  # dropout: the kernel entry point's key, threshold and scale
+            if real is float:
+                scale = <float>1.0 / <float>op.keep
+            else:
+                scale = 1.0 / op.keep
+            dropout_forward_c(dropout_key_c(r.seed, step, op.layer), <uint64_t>(op.keep * 4294967296.0), x,
+                              r.masks + op.mask, out, m * op.n_out, scale)
+        x = out
+    return out
+
+
+cdef void backward(Run* r, const real* xb, Py_ssize_t m, double l2_over_m) noexcept nogil:
+    cdef real* ws = <real*>r.ws
+    cdef real* params = <real*>r.params
+    cdef real* grads = <real*>r.grads
+    cdef real* dout = ws + r.dlog
+    cdef const real* x
+    cdef real* dx
+    cdef Op* op
+    cdef int j
+    cdef real scale
+    for j in range(r.n_ops - 1, -1, -1):
+        op = &r.ops[j]
+        x = xb if j == 0 else ws + r.ops[j - 1].out
+        dx = ws + op.dx if op.dx >= 0 else NULL
+        if op.kind == OP_DENSE:    # dZ written in place into dout
+            dense_backward_c(x, params + op.p0, ws + op.out, dout, op.act, l2_over_m, dout, grads + op.p0,
+                             grads + op.p1 if op.has_b else NULL, op.has_b, dx, dx != NULL,
+                             <int>m, op.n_in, op.n_out)
+        elif op.kind == OP_BATCHNORM:
+            bn_backward_c(x, params + op.p0, ws + op.mean, ws + op.inv, dout, dx, grads + op.p0,
+                          grads + op.p0 + op.n_out, m, op.n_out, r.bnwork)
+        elif op.kind == OP_ACTIVATION:
+            if dx != NULL:
+                activation_backward_c(ws + op.out, dout, dx, m * op.n_out, op.act)
+        elif dx != NULL:
+            if real is float:
+                scale = <float>1.0 / <float>op.keep
+            else:
+                scale = 1.0 / op.keep
+            dropout_backward_c(dout, r.masks + op.mask, dx, m * op.n_out, scale)
+        dout = dx
+
+
+cdef void run_epoch_c(Run* r, real* typed) noexcept nogil:
+    """Every mini-batch of the epoch (``typed`` only selects the float type)."""
+    cdef const real* X = <const real*>r.X
+    cdef real* xb = <real*>r.xbuf
+    cdef real* params = <real*>r.params
+    cdef real* grads = <real*>r.grads
+    cdef real* logits
+    cdef real* dlog = <real*>r.ws + r.dlog
+    cdef const int64_t* yi = <const int64_t*>r.y
+    cdef const real* yf = <const real*>r.y
+    cdef int64_t* ybi = <int64_t*>r.ybuf
+    cdef real* ybf = <real*>r.ybuf
+    cdef Py_ssize_t nf = r.n_features, k = r.k, B = r.B
+    cdef Py_ssize_t n_batches = (r.n_rows + B - 1) // B
+    cdef Py_ssize_t bi, s0, m, i, c, src, wrong = 0
+    cdef int max_nt = fastdl_max_threads(), d, bad
+    cdef double loss, sw = 0.0, m_l2, l2_term, ss, part, J
+    cdef const double* wp = NULL
+    for bi in range(n_batches):
+        s0 = bi * B
+        m = r.n_rows - s0 if r.n_rows - s0 < B else B
+        for i in range(m):                      # gather the batch in perm order
+            src = r.perm[s0 + i]
+            memcpy(xb + i * nf, X + src * nf, nf * sizeof(real))
+            if r.loss == LOSS_SOFTMAX_CE:
+                ybi[i] = yi[src]
+            else:
+                memcpy(ybf + i * k, yf + src * k, k * sizeof(real))
+            if r.w != NULL:
+                r.wbuf[i] = r.w[src]
+        if r.w != NULL:
+            wp = r.wbuf
+            sw = seq_sum(wp, m)
+        logits = forward(r, xb, m, r.step0 + <uint64_t>bi)
+        if r.loss == LOSS_SOFTMAX_CE:
+            loss = sce_c(logits, ybi, dlog, True, m, k, wp, sw, r.rowbuf, <real*>NULL, max_nt)
+        elif r.loss == LOSS_SIGMOID_BCE:
+            loss = bce_c(logits, <const real*>ybf, dlog, True, m, k, wp, sw, r.rowbuf)
+        else:
+            loss = mse_c(logits, <const real*>ybf, dlog, True, m, k, wp, sw, r.rowbuf)
+        # the L2 term's m: the training-set size, the batch's summed weights, or its rows
+        if r.l2_dataset and r.n_total > 0:
+            m_l2 = r.n_total
+        elif wp != NULL:
+            m_l2 = sw
+        else:
+            m_l2 = <double>m
+        # (all-zero weights: m_l2 = 0, no L2 gradient and no L2 term, as in the per-layer executor)
+        backward(r, xb, m, r.l2 / m_l2 if (r.l2 != 0.0 and m_l2 != 0.0) else 0.0)
+        l2_term = 0.0
+        if r.l2 != 0.0 and m_l2 != 0.0:
+            ss = 0.0
+            for d in range(r.n_dense):
+                sum_squares_c(params + r.dense[2 * d], r.dense[2 * d + 1] - r.dense[2 * d], &part, r.ssqbuf)
+                ss += part
+            l2_term = r.l2 / (2.0 * m_l2) * ss
+        J = loss + l2_term
+        r.costs[bi] = J
+        r.losses[bi] = loss
+        if r.loss == LOSS_SOFTMAX_CE:
+            for i in range(m):
+                wrong += argmax_row(logits + i * k, k) != ybi[i]
+        elif r.loss == LOSS_SIGMOID_BCE:
+            for i in range(m):          # a row is wrong if any of its k labels is
+                bad = 0
+                for c in range(k):
+                    bad |= (<real>(logits[i * k + c] > 0)) != ybf[i * k + c]
+                wrong += bad
+        if not isfinite(J) or any_nonfinite_c(grads, r.n_params):
+            r.steps = bi
+            r.wrong = wrong
+            r.status = 1
+            return
+        opt_step_c(r.opt_kind, params, grads, <real*>r.v, <real*>r.s, r.n_params, r.beta1, r.beta2, r.opt_eps,
+                   r.c1[bi], r.c2[bi])
+    r.steps = n_batches
+    r.wrong = wrong
+    r.status = 2 if any_nonfinite_c(params, r.n_params) else 0
+
+
+# ---------------------------------------------------------------------------- Python side
+
+cdef inline bint vec_of(object a, int t, Py_ssize_t n, bint writeable):
+    return (wtype(a, 1) if writeable else rtype(a, 1)) == t and dim(a, 0) == n
+
+
+cdef class CythonEpochExecutor:
+    """A plan at one batch size and one optimiser kind, run one epoch per call (fastdl.plan.EpochExecutor).
+
+    Owns the workspace, dropout masks and batch buffers (allocated here, once);
+    ``run_epoch`` allocates only a few scratch buffers per EPOCH (their sizes
+    depend on the thread count in force), nothing per step, and holds no GIL
+    while it runs. Not re-entrant: one ``run_epoch`` at a time per executor.
+    """
+
+    cdef Op* ops
+    cdef int n_ops
+    cdef int64_t[:, ::1] dense_view
+    cdef readonly object plan
+    cdef readonly object opt_spec
+    cdef readonly Py_ssize_t batch_size
+    cdef readonly object dtype
+    cdef object ws, masks, xbuf, ybuf, wbuf, dense
+    cdef Py_ssize_t dlog_off
+
+    def __cinit__(self):
+        self.ops = NULL
+
+    def __init__(self, plan, Py_ssize_t batch_size, opt_spec):
+        cdef Py_ssize_t j
+        cdef Op* op
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        dt = np.dtype(plan.dtype)
+        if dt != np.float32 and dt != np.float64:
+            raise ValueError(f"the Cython epoch executor runs float32 or float64 plans, not {dt}")
+        if plan.loss not in (LOSS_SOFTMAX_CE, LOSS_SIGMOID_BCE, LOSS_MSE):
+            raise ValueError(f"unknown loss code {plan.loss} in the plan")
+        if opt_spec.kind not in (_plan.OPT_SGD, _plan.OPT_MOMENTUM, _plan.OPT_RMSPROP, _plan.OPT_ADAM,
+                                 _plan.OPT_CLASSICAL_MOMENTUM, _plan.OPT_NESTEROV):
+            raise ValueError(f"unknown optimiser kind {opt_spec.kind}")
+        lay = plan.layout(batch_size)
+        iprog, fprog = lay.iprog, lay.fprog
+        if any(int(p) != _plan.PRECISION_FP32 for p in iprog[:, _plan.I_PREC]):
+            raise NotImplementedError("the Cython epoch executor has no bfloat16 GEMMs yet (precision='bf16'); "
+                                      "train this model with precision='fp32' or another executor")
+        self.plan = plan
+        self.opt_spec = opt_spec
+        self.batch_size = batch_size
+        self.dtype = dt
+        self.n_ops = iprog.shape[0]
+        if self.n_ops == 0:
+            raise ValueError("the plan has no ops")
+        self.ops = <Op*>malloc(self.n_ops * sizeof(Op))
+        if self.ops == NULL:
+            raise MemoryError()
+        for j in range(self.n_ops):
+            row, frow = iprog[j], fprog[j]
+            op = &self.ops[j]
+            op.kind = int(row[_plan.I_KIND])
+            if op.kind not in (OP_DENSE, OP_BATCHNORM, OP_ACTIVATION, OP_DROPOUT):
+                raise ValueError(f"op {j}: unknown kind {op.kind}")
+            op.n_in = int(row[_plan.I_NIN])
+            op.n_out = int(row[_plan.I_NOUT])
+            op.act = int(row[_plan.I_ACT])
+            op.p0 = int(row[_plan.I_P0])
+            op.p1 = int(row[_plan.I_P1])
+            op.has_b = op.p1 >= 0
+            op.s0 = int(row[_plan.I_S0])
+            op.out = int(row[_plan.I_OUT])
+            op.dx = int(row[_plan.I_DX])
+            op.mean = int(row[_plan.I_MEAN])
+            op.inv = int(row[_plan.I_INV])
+            op.mask = int(row[_plan.I_MASK])
+            op.layer = <uint64_t>(int(row[_plan.I_LAYER]) & _MASK64)
+            op.keep = float(frow[_plan.F_KEEP])
+            op.eps = float(frow[_plan.F_EPS])
+            op.mom = float(frow[_plan.F_MOMENTUM])
+            if op.kind == OP_BATCHNORM and op.dx < 0:
+                raise ValueError(f"op {j}: a BatchNorm op needs a dX buffer in the layout")
+            if op.kind in (OP_ACTIVATION, OP_DENSE) and not 0 <= op.act <= 3:
+                raise ValueError(f"op {j}: unknown activation code {op.act}")
+            if op.kind == OP_DROPOUT and not 0.0 < op.keep <= 1.0:
+                raise ValueError(f"op {j}: keep_prob must be in (0, 1], got {op.keep}")
+        self.ws = np.zeros(lay.ws_size, dt)
+        self.masks = np.zeros(max(lay.mask_size, 1), np.uint8)
+        self.xbuf = np.zeros(batch_size * plan.n_features, dt)
+        self.ybuf = (np.zeros(batch_size, np.int64) if plan.loss == LOSS_SOFTMAX_CE
+                     else np.zeros(batch_size * plan.n_outputs, dt))
+        self.wbuf = np.zeros(batch_size, np.float64)
+        self.dense = np.ascontiguousarray(plan.dense_weights, np.int64).reshape(-1, 2)
+        self.dlog_off = plan.dlogits_offset(batch_size)
+
+    def __dealloc__(self):
+        free(self.ops)
+
+    def compile(self) -> None:
+        """Nothing to do: the executor is compiled ahead of time (the Numba one JIT-compiles here)."""
+        return None
+
+    def run_epoch(self, X, y, w, perm, params, grads, state, v, s, c1, c2, step0, seed, n_total, costs, losses):
+        """Train every mini-batch of one epoch in ``perm`` order (see fastdl.plan.EpochExecutor.run_epoch).
+
+        Returns ``(steps_done, wrong_predictions, status)``.
+        """
+        cdef Run r
+        cdef int t = cnp.NPY_FLOAT if self.dtype == np.float32 else cnp.NPY_DOUBLE
+        cdef Py_ssize_t N, n_rows, n_batches, B = self.batch_size, j, bn_need = 1, ssq_need = 1
+        cdef const int64_t* pp
+        plan = self.plan
+        k = plan.n_outputs
+        # ---- arguments (once per epoch)
+        if rtype(X, 2) != t or dim(X, 1) != plan.n_features:
+            raise ValueError(f"X must be a C-contiguous {self.dtype} array of shape (N, {plan.n_features})")
+        N = dim(X, 0)
+        if plan.loss == LOSS_SOFTMAX_CE:
+            if not (rtype(y, 1) in (cnp.NPY_LONG, cnp.NPY_LONGLONG) and y.itemsize == 8 and dim(y, 0) == N):
+                raise ValueError(f"y must be a C-contiguous int64 array of shape ({N},) (class ids)")
+            if N and (y.min() < 0 or y.max() >= k):
+                raise ValueError(f"class labels must be in [0, {k})")
+        elif not ((rtype(y, 2) == t and dim(y, 0) == N and dim(y, 1) == k)
+                  or (k == 1 and rtype(y, 1) == t and dim(y, 0) == N)):
+            raise ValueError(f"y must be a C-contiguous {self.dtype} array of shape ({N}, {k})"
+                             + (f" or ({N},)" if k == 1 else ""))
+        weighted = not (isinstance(w, np.ndarray) and w.size == 0)
+        if weighted and not vec_of(w, cnp.NPY_DOUBLE, N, False):
+            raise ValueError(f"w must be a C-contiguous float64 array of shape ({N},), or empty (unweighted)")
+        if not (rtype(perm, 1) in (cnp.NPY_LONG, cnp.NPY_LONGLONG) and perm.itemsize == 8):
+            raise ValueError("perm must be a C-contiguous int64 array")
+        n_rows = dim(perm, 0)
+        if n_rows and (perm.min() < 0 or perm.max() >= N):
+            raise ValueError(f"perm indexes rows outside [0, {N})")
+        n_batches = (n_rows + B - 1) // B
+        if not (vec_of(params, t, plan.n_params, True) and vec_of(grads, t, plan.n_params, True)):
+            raise ValueError(f"params and grads must be writeable C-contiguous {self.dtype} arrays of shape "
+                             f"({plan.n_params},)")
+        if not vec_of(state, t, plan.n_state, True):
+            raise ValueError(f"state must be a writeable C-contiguous {self.dtype} array of shape ({plan.n_state},)")
+        names = self.opt_spec.state_names
+        for name, arr in (("v", v), ("s", s)):
+            if name in names and not vec_of(arr, t, plan.n_params, True):
+                raise ValueError(f"optimiser state {name} must be a writeable C-contiguous {self.dtype} array of "
+                                 f"shape ({plan.n_params},)")
+        for name, arr, writeable in (("c1", c1, False), ("c2", c2, False), ("costs", costs, True),
+                                     ("losses", losses, True)):
+            if not ((wtype(arr, 1) if writeable else rtype(arr, 1)) == cnp.NPY_DOUBLE and dim(arr, 0) >= n_batches):
+                raise ValueError(f"{name} must be a C-contiguous float64 array of at least {n_batches} elements")
+        if step0 < 0:
+            raise ValueError(f"step0 must be >= 0, got {step0}")
+        # ---- per-epoch scratch (sizes depend on the thread count in force)
+        for j in range(self.n_ops):
+            if self.ops[j].kind == OP_BATCHNORM:
+                bn_need = max(bn_need, bn_work_size(self.ops[j].n_out))
+        for a, b in self.dense.tolist():
+            ssq_need = max(ssq_need, ssq_partials(b - a))
+        rowbuf = np.empty(loss_buffer_size(B, k), np.float64)
+        bnwork = np.empty(bn_need, np.float64)
+        ssqbuf = np.empty(ssq_need, np.float64)
+        dense = self.dense
+        hyper = self.opt_spec.hyper
+        # ---- the run
+        r.ops = self.ops
+        r.n_ops = self.n_ops
+        r.loss = plan.loss
+        r.n_features = plan.n_features
+        r.k = k
+        r.B = B
+        r.n_params = plan.n_params
+        r.dlog = self.dlog_off
+        r.dense = <int64_t*>data(dense)
+        r.n_dense = dense.shape[0]
+        r.l2 = float(plan.l2)
+        r.l2_dataset = plan.l2_scale == _plan.L2_DATASET
+        r.opt_kind = self.opt_spec.kind
+        r.beta1 = float(hyper[_plan.H_BETA1])
+        r.beta2 = float(hyper[_plan.H_BETA2])
+        r.opt_eps = float(hyper[_plan.H_EPS])
+        r.X = data(X)
+        r.y = data(y)
+        r.w = <const double*>data(w) if weighted else NULL
+        r.perm = <const int64_t*>data(perm)
+        r.n_rows = n_rows
+        r.params = data(params)
+        r.grads = data(grads)
+        r.state = data(state)
+        r.v = data(v) if "v" in names else NULL
+        r.s = data(s) if "s" in names else NULL
+        r.c1 = <const double*>data(c1)
+        r.c2 = <const double*>data(c2)
+        r.step0 = <uint64_t>(int(step0) & _MASK64)
+        r.seed = <uint64_t>(int(seed) & _MASK64)
+        r.n_total = float(n_total) if n_total else 0.0
+        r.costs = <double*>data(costs)
+        r.losses = <double*>data(losses)
+        r.ws = data(self.ws)
+        r.masks = <uint8_t*>data(self.masks)
+        r.xbuf = data(self.xbuf)
+        r.ybuf = data(self.ybuf)
+        r.wbuf = <double*>data(self.wbuf)
+        r.rowbuf = <double*>data(rowbuf)
+        r.bnwork = <double*>data(bnwork)
+        r.ssqbuf = <double*>data(ssqbuf)
+        r.steps = r.wrong = 0
+        r.status = 0
+        with nogil:
+            if t == cnp.NPY_FLOAT:
+                run_epoch_c(&r, <float*>NULL)
+            else:
+                run_epoch_c(&r, <double*>NULL)
+        return int(r.steps), int(r.wrong), int(r.status)
+
+
+def epoch_executor(plan, batch_size: int, opt_spec) -> CythonEpochExecutor:
+    """The Cython whole-epoch executor of ``plan`` at ``batch_size`` for ``opt_spec``'s optimiser kind."""
+    return CythonEpochExecutor(plan, batch_size, opt_spec)
