@@ -305,8 +305,12 @@ class FastdlVariant:
 # and it then appears in every training group (and summarize.py treats every
 # impl starting with "fastdl" as fastdl).
 EXTRA_FASTDL_VARIANTS: list[FastdlVariant] = [
+    # what every user gets: backend="auto", fit's defaults
+    FastdlVariant("fastdl-auto", "auto"),
     # fit's default (fused="auto") runs each epoch as one compiled call; this is the per-layer path
     FastdlVariant("fastdl-numba-layerwise", "numba", fit_kwargs={"fused": False}),
+    # mixed precision (docs/spec.md "Mixed precision"): every Dense GEMM on bfloat16 operands
+    FastdlVariant("fastdl-auto-bf16", "auto", model_kwargs={"precision": "bf16"}),
 ]
 
 
@@ -316,7 +320,7 @@ def fastdl_variants() -> list[FastdlVariant]:
 
     avail = available_backends()
     return ([FastdlVariant(f"fastdl-{b}", b) for b in avail]
-            + [v for v in EXTRA_FASTDL_VARIANTS if v.backend in avail])
+            + [v for v in EXTRA_FASTDL_VARIANTS if v.backend in avail or v.backend == "auto"])
 
 
 class FastdlTrainer(Trainer):
@@ -397,14 +401,20 @@ class TorchTrainer(Trainer):
         torch.manual_seed(seed)
         self.mode = mode
         self.model = torch_mlp(cfg.arch, seed).train()
-        opt_mode = {"foreach": "foreach", "fused": "fused", "compile": None}[mode]
+        opt_mode = {"foreach": "foreach", "fused": "fused", "compile": None, "autocast-bf16": "fused"}[mode]
         self.opt = torch_adam(self.model, cfg.arch, cfg.batch, cfg.lr, opt_mode)
         Xt, yt = torch.from_numpy(X), torch.from_numpy(y)
         self.batches = [(Xt[s:s + self.batch], yt[s:s + self.batch]) for s in range(0, self.n_samples, self.batch)]
         model, opt = self.model, self.opt
 
+        autocast = mode == "autocast-bf16"
+
         def step(xb, yb):
-            loss = F.cross_entropy(model(xb), yb)
+            if autocast:  # PyTorch's one-line mixed precision: bf16 matmuls, float32 master weights
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    loss = F.cross_entropy(model(xb), yb)
+            else:
+                loss = F.cross_entropy(model(xb), yb)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -657,6 +667,7 @@ PEER_IMPLS: dict[str, tuple[str, Callable[..., Trainer]]] = {
     "torch-eager-foreach": ("torch", lambda cfg, X, y: TorchTrainer(cfg, X, y, "foreach")),
     "torch-eager-fused": ("torch", lambda cfg, X, y: TorchTrainer(cfg, X, y, "fused")),
     "torch-compile": ("torch", lambda cfg, X, y: TorchTrainer(cfg, X, y, "compile")),
+    "torch-autocast-bf16": ("torch", lambda cfg, X, y: TorchTrainer(cfg, X, y, "autocast-bf16")),
     "jax-jit": ("optax", lambda cfg, X, y: JaxTrainer(cfg, X, y)),
     "sklearn-mlp": ("sklearn", lambda cfg, X, y: SklearnTrainer(cfg, X, y)),
     "numpy": ("numpy", lambda cfg, X, y: NumpyTrainer(cfg, X, y)),

@@ -28,6 +28,10 @@ def is_fastdl(impl: str) -> bool:
     return impl.startswith("fastdl")
 
 
+def is_fastdl_fp32(impl: str) -> bool:
+    return is_fastdl(impl) and "bf16" not in impl
+
+
 # --------------------------------------------------------------------------- loading
 
 
@@ -52,8 +56,9 @@ def _order(groups: dict) -> list[str]:
     return first + sorted(g for g in groups if g not in first)
 
 
-def best_fastdl(rows: dict[str, dict]) -> tuple[str, dict] | tuple[None, None]:
-    f = {k: v for k, v in rows.items() if is_fastdl(k)}
+def best_fastdl(rows: dict[str, dict], fp32: bool = True) -> tuple[str, dict] | tuple[None, None]:
+    """The fastest fastdl variant of a group (float32 variants only unless ``fp32=False``)."""
+    f = {k: v for k, v in rows.items() if (is_fastdl_fp32(k) if fp32 else is_fastdl(k))}
     if not f:
         return None, None
     k = min(f, key=lambda k: f[k]["median"])
@@ -237,7 +242,25 @@ def targets(groups: dict) -> list[str]:
     ratio_target("vs-torch BatchNorm fwd+bwd 512x4096", ["torch-autograd"], 2.0, "BatchNorm 512x4096: ≥ 2× PyTorch")
     ratio_target("vs-torch Adam 16M params", ["torch-adam-fused"], 1.0, "Adam 16M: ≥ torch fused Adam")
     ratio_target("vs-torch Adam 1M params", ["torch-adam-fused"], 1.0, "Adam 1M: ≥ torch fused Adam")
-    out = ["## Issue #5 targets on this run", "", "| target | measured | met |", "|---|---|---|"]
+    def pair_target(group, impl, other, need, label):
+        rows = groups.get(group)
+        if not rows or impl not in rows or other not in rows:
+            res.append((label, "not measured", None))
+            return
+        r = speedup(rows, impl, other)
+        res.append((label, f"{r:.2f}× ({impl} vs {other})", r >= need))
+
+    # issue 12 (one execution plan): the default path is the fast path
+    pair_target("train S", "fastdl-auto", "fastdl-numba", 1.0, "S: auto ≥ numba fused epoch")
+    pair_target("train M", "fastdl-auto", "fastdl-numba", 1.0, "M: auto ≥ numba fused epoch")
+    pair_target("train S", "fastdl-auto", "jax-jit", 2.5, "S: auto ≥ 2.5× JAX")
+    pair_target("train M", "fastdl-auto", "jax-jit", 1.25, "M: auto ≥ 1.25× JAX")
+    # issue 13 (bfloat16): against PyTorch autocast and fastdl's own float32
+    pair_target("train L", "fastdl-auto-bf16", "torch-autocast-bf16", 1.2, "L bf16: ≥ 1.2× PyTorch autocast bf16")
+    pair_target("train L", "fastdl-auto-bf16", "fastdl-auto", 2.5, "L bf16: ≥ 2.5× fastdl fp32")
+    pair_target("train M", "fastdl-auto-bf16", "torch-autocast-bf16", 1.5, "M bf16: ≥ 1.5× PyTorch autocast bf16")
+    pair_target("train S", "fastdl-auto-bf16", "fastdl-auto", 0.95, "S bf16: ≥ 0.95× fastdl fp32")
+    out = ["## Targets on this run", "", "| target | measured | met |", "|---|---|---|"]
     for label, meas, ok in res:
         out.append(f"| {label} | {meas} | {'—' if ok is None else ('yes' if ok else '**no**')} |")
     return out + [""]

@@ -493,8 +493,12 @@ class DataParallel:
         self.model.executor.phantom_sync_batchnorm(self.comm)
 
     # -- end of epoch -------------------------------------------------------------
-    def reduce_epoch(self, sum_loss: float, sum_cost: float, n_wrong: int, history) -> tuple[float, float, int]:
-        """One all-reduce of the epoch's sums, every batch cost and (per-rank BN) the running statistics."""
+    def reduce_epoch(self, sum_loss: float, sum_cost: float, n_wrong: int,
+                     costs: np.ndarray) -> tuple[float, float, int]:
+        """One all-reduce of the epoch's sums, every batch cost and (per-rank BN) the running statistics.
+
+        ``costs`` (this rank's per-batch costs) is overwritten with the costs of the global batches.
+        """
         k = len(self._weighted_loss)
         avg_state = self.size > 1 and not self.sync_batchnorm and self.model.state.size > 0
         ns = self.model.state.size if avg_state else 0
@@ -505,7 +509,7 @@ class DataParallel:
             buf[3 + k:] = self.model.state
         self.comm.allreduce(buf)
         if k:
-            history.batch_cost[-k:] = (buf[3:3 + k] + np.asarray(self._l2_terms)).tolist()
+            costs[:k] = buf[3:3 + k] + np.asarray(self._l2_terms)
         if avg_state:
             self.model.state[...] = buf[3 + k:] / self.size
         self._weighted_loss.clear()
