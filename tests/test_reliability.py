@@ -87,8 +87,15 @@ def test_resume_in_process_is_bit_identical(tmp_path: Path) -> None:
     full = _small_model()
     h_full = full.fit(X, y, optimizer=fd.Momentum(0.05), epochs=6, batch_size=8)
     ckpt = tmp_path / "c.ckpt"
+
+    class Interrupt(fd.Callback):  # stands in for a crash after epoch 4 (a finished run would not resume)
+        def on_epoch_end(self, model, epoch, logs):
+            if epoch == 3:
+                raise KeyboardInterrupt
+
     part = _small_model()
-    part.fit(X, y, optimizer=fd.Momentum(0.05), epochs=4, batch_size=8, checkpoint=ckpt)
+    with pytest.raises(KeyboardInterrupt):
+        part.fit(X, y, optimizer=fd.Momentum(0.05), epochs=6, batch_size=8, checkpoint=ckpt, callbacks=[Interrupt()])
     resumed = _small_model()
     h_res = resumed.fit(X, y, optimizer=fd.Momentum(0.05), epochs=6, batch_size=8, checkpoint=ckpt, resume=True)
     np.testing.assert_array_equal(full.params, resumed.params)
@@ -128,7 +135,7 @@ def test_interrupted_checkpoint_save_keeps_previous(tmp_path: Path, monkeypatch)
 def test_divergence_names_epoch_and_step_and_keeps_finite_params() -> None:
     X, y = _data()
     model = _small_model()
-    with pytest.raises(fd.TrainingDiverged, match=r"epoch 0, step \d+.*learning rate") as info:
+    with pytest.raises(fd.TrainingDiverged, match=r"epoch 1, step \d+.*learning rate") as info:
         with np.errstate(all="ignore"):
             model.fit(X * 1e4, y, optimizer=fd.SGD(1e8), epochs=5, batch_size=8)
     assert "diverged" in str(info.value)
