@@ -115,11 +115,28 @@ def _draw_batch_cost(ax: "Axes", batch_cost: Sequence[float], beta: float) -> No
 
 
 def _draw_lr(ax: "Axes", lr: Sequence[float]) -> None:
+    title = "learning rate"
     if len(lr):
-        ax.plot(_epochs(lr), lr, color="C2", marker="." if len(lr) <= 50 else None, label="learning rate")
-        if min(lr) > 0 and max(lr) / min(lr) > 20:
+        a = np.asarray(lr, dtype=np.float64)
+        ax.plot(_epochs(a), a, color="C2", marker="." if len(a) <= 50 else None, label="learning rate")
+        lo, hi = float(np.min(a)), float(np.max(a))
+        if lo > 0 and hi / lo > 20:
             ax.set_yscale("log")
-    ax.set_title("learning rate")
+            _log_ticks(ax.yaxis, lo, hi)
+        elif hi > 0 and hi - lo <= 1e-9 * hi:
+            # constant: matplotlib would zoom into rounding noise (offset labels like 1e-9 + 3e-3);
+            # show it from 0 to twice its value, labelled in plain numbers
+            from matplotlib.ticker import FuncFormatter
+
+            ax.set_ylim(0, 2 * hi)
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            title = f"learning rate (constant {hi:g})"
+        else:  # decaying by less than 20x: linear from 0, plain labels (0.001, not 1e-3 x 1.0)
+            from matplotlib.ticker import FuncFormatter
+
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.set_ylim(0, hi * 1.08)
+    ax.set_title(title)
     ax.set_xlabel("epoch")
     ax.set_ylabel("alpha")
 
@@ -145,6 +162,10 @@ def _draw_norms(ax: "Axes", norms: Mapping[str, Mapping[str, list[float]]], kind
             ax.plot(_epochs(vals), _positive(vals), label=name, color=f"C{i % 10}")
     if ax.lines:
         ax.set_yscale("log")
+        vals = np.concatenate([np.asarray(line.get_ydata(), np.float64) for line in ax.lines])
+        vals = vals[np.isfinite(vals) & (vals > 0)]
+        if len(vals):
+            _log_ticks(ax.yaxis, float(vals.min()), float(vals.max()))
         ax.legend(fontsize="x-small")
     ax.set_title("gradient norm per layer" if kind == "grad" else "weight norm per layer")
     ax.set_xlabel("epoch")
@@ -252,29 +273,81 @@ def plot_lr_schedule(schedules: Any, path: Any = None, *, lr: float = 0.01, epoc
     return _finish(fig, path)
 
 
-def _plain_log_ticks(ax: "Axes") -> None:
-    """Log x-axis labelled 0.001, 0.002, 0.005, ... (not 2x10^-3: those overlap on narrow ranges)."""
-    from matplotlib.ticker import FuncFormatter, LogLocator
+def _log_ticks(axis: Any, lo: float, hi: float) -> None:
+    """Readable log-axis labels: plain numbers (0.001, 0.002, 0.005 ... 1e-05), never 2x10^-3.
 
-    ax.xaxis.set_major_locator(LogLocator(base=10))
-    ax.xaxis.set_minor_locator(LogLocator(base=10, subs=(2.0, 5.0)))
+    Over fewer than ~2 decades the 2 and 5 sub-ticks are labelled too (else a
+    narrow range shows one label or none); over more, only the powers of ten.
+    """
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
     fmt = FuncFormatter(lambda v, _: f"{v:g}")
-    ax.xaxis.set_major_formatter(fmt)
-    ax.xaxis.set_minor_formatter(fmt)
-    ax.tick_params(axis="x", which="minor", labelsize="small")
+    axis.set_major_locator(LogLocator(base=10))
+    axis.set_major_formatter(fmt)
+    decades = math.log10(hi / lo) if lo > 0 and hi > 0 else 99.0
+    subs = tuple(range(2, 10)) if decades < 0.8 or decades >= 2.2 else (2.0, 5.0)  # < 1 decade: 2, 3 ... 9 too
+    axis.set_minor_locator(LogLocator(base=10, subs=subs))
+    axis.set_minor_formatter(fmt if decades < 2.2 else NullFormatter())
+    if decades < 2.2:
+        axis.set_tick_params(which="minor", labelsize="small")
+
+
+def _plain_log_ticks(ax: "Axes") -> None:
+    """Log x-axis with readable labels over the axis's current limits (see :func:`_log_ticks`)."""
+    lo, hi = ax.get_xlim()
+    _log_ticks(ax.xaxis, lo, hi)
+
+
+def _int_log_ticks(axis: Any, lo: int, hi: int) -> None:
+    """An integer setting on a log axis: ticks at powers of two (16, 32, 64 ...) labelled as integers."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
+
+    lo, hi = max(1, int(lo)), max(1, int(hi))
+    ticks = [2 ** k for k in range(int(math.floor(math.log2(lo))), int(math.ceil(math.log2(hi))) + 1)]
+    if len(ticks) > 8:  # many octaves: every other power of two
+        ticks = ticks[::2]
+    axis.set_major_locator(FixedLocator(ticks))
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{int(round(v))}"))
+    axis.set_minor_locator(NullLocator())
+
+
+def _robust_top(scores: np.ndarray) -> "float | None":
+    """An upper y-limit that keeps the useful range readable, or None when no score is an outlier.
+
+    Outliers: scores above Q3 + 3 IQR (and above twice the median), e.g. a
+    trial stuck at chance (error 0.9) among trials at 0.02-0.10.
+    """
+    if len(scores) < 4:
+        return None
+    q1, med, q3 = np.percentile(scores, [25, 50, 75])
+    limit = max(q3 + 3.0 * (q3 - q1), 2.0 * med, q3 + 1e-12)
+    inliers = scores[scores <= limit]
+    if len(inliers) == len(scores) or len(inliers) == 0:
+        return None
+    lo, hi = float(inliers.min()), float(inliers.max())
+    return hi + 0.12 * max(hi - lo, 1e-3 * max(abs(hi), 1e-12))
 
 
 def plot_search(result: Any, path: Any = None, *, keys: "Iterable[str] | None" = None, ncols: int = 3,
-                dpi: "int | None" = None) -> "Figure":
+                dpi: "int | None" = None, clip_outliers: bool = True) -> "Figure":
     """Dev score against each sampled hyperparameter of a :class:`fastdl.search.SearchResult`.
 
-    One panel per sampled setting; points coloured by round, the best trial
-    starred. ``LogUniform`` (and ``IntUniform(log=True)``) settings get a log
-    x-axis; ``OneMinusLogUniform`` settings are drawn as ``1 - value`` on a
-    log axis (how they were sampled); ``Choice`` settings as categories.
-    Diverged trials are left out (counted in the title).
+    One panel per sampled setting; points coloured by round (legend, rounds
+    numbered from 1 as in the log and the table), the best trial starred.
+    ``LogUniform`` settings get a log x-axis with plain labels;
+    ``OneMinusLogUniform`` settings are drawn as ``1 - value`` on a log axis
+    (how they were sampled); ``IntUniform`` settings get integer ticks
+    (powers of two on a log axis for ``log=True``); ``Choice`` settings are
+    categories. Integer and categorical points are spread sideways a little
+    (jitter) so that repeated values stay visible.
+
+    ``clip_outliers``: scores far above the rest (beyond Q3 + 3 IQR, e.g.
+    a trial stuck at chance level) would squash the useful range, so the
+    y-axis stops above the others and those trials are drawn as triangles
+    on the top edge, with their count and worst value noted. Diverged trials
+    are left out (counted in the title).
     """
-    from .search import Choice, OneMinusLogUniform, Sampler
+    from .search import Choice, IntUniform, OneMinusLogUniform, Sampler
 
     space = result.space
     keys = list(keys) if keys is not None else [k for k, v in space.items() if isinstance(v, Sampler)]
@@ -287,20 +360,27 @@ def plot_search(result: Any, path: Any = None, *, keys: "Iterable[str] | None" =
     n_bad = len(result.trials) - len(ok)
     ncols = max(1, min(ncols, len(keys)))
     nrows = math.ceil(len(keys) / ncols)
-    fig = new_figure((4.6 * ncols, 3.6 * nrows + 0.5))
+    fig = new_figure((4.6 * ncols, 3.6 * nrows + 0.8))
     axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
-    rounds = np.array([t.round for t in ok])
-    scores = np.array([t.score for t in ok])
+    rounds = np.array([t.round for t in ok], dtype=np.int64)
+    scores = np.array([t.score for t in ok], dtype=np.float64)
     n_rounds = max(1, len(result.round_spaces))
+    round_ids = sorted(set(rounds.tolist())) or [1]
     best = result.best_trial
     mpl, _, _ = _mpl()
     cmap = mpl.colormaps["viridis"]
-    colors = [cmap(r / max(1, n_rounds - 1)) for r in rounds]
+    # rounds are 1-based; a few discrete colours, dark (coarse) to light (fine)
+    round_colour = {r: cmap(0.85 * (r - 1) / max(1, n_rounds - 1)) for r in range(1, n_rounds + 1)}
+    top = _robust_top(scores) if clip_outliers else None
+    shown = np.minimum(scores, top) if top is not None else scores
+    high = scores > top if top is not None else np.zeros(len(scores), bool)
+    jitter_rng = np.random.default_rng(0)  # fixed: the same picture every time
     label = result.score_name.replace("_", " ")
     for ax, k in zip(axes, keys):
         sampler = space[k]
         vals = [t.settings.get(k) for t in ok]
         best_v = best.settings.get(k)
+        jitter = 0.0
         if isinstance(sampler, Choice) or not isinstance(sampler, Sampler):
             cats = [str(o) for o in (sampler.options if isinstance(sampler, Choice) else [sampler])]
             pos = {c: i for i, c in enumerate(cats)}
@@ -308,30 +388,73 @@ def plot_search(result: Any, path: Any = None, *, keys: "Iterable[str] | None" =
             ax.set_xticks(range(len(cats)), cats)
             ax.set_xlim(-0.5, len(cats) - 0.5)
             bx = pos.get(str(best_v), np.nan)
-            xlabel = k
+            xlabel = f"{k} (categorical)"
+            jitter = 0.12
         elif isinstance(sampler, OneMinusLogUniform):
             x = 1.0 - np.array(vals, dtype=np.float64)
             bx = 1.0 - float(best_v)
             ax.set_xscale("log")
             xlabel = f"1 - {k} (log scale)"
+        elif isinstance(sampler, IntUniform):
+            x = np.array(vals, dtype=np.float64)
+            bx = float(best_v)
+            if sampler.log:
+                ax.set_xscale("log")
+                jitter = 0.0
+            else:
+                from matplotlib.ticker import MaxNLocator
+
+                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+                jitter = 0.08 if sampler.high - sampler.low <= 12 else 0.0
+                ax.set_xlim(sampler.low - 0.5, sampler.high + 0.5)
+            xlabel = f"{k} (integer{', log scale' if sampler.log else ''})"
         else:
             x = np.array(vals, dtype=np.float64)
             bx = float(best_v)
             if sampler.log:
                 ax.set_xscale("log")
             xlabel = k + (" (log scale)" if sampler.log else "")
-        if ax.get_xscale() == "log":
-            _plain_log_ticks(ax)
-        ax.scatter(x, scores, c=colors, s=28, edgecolors="k", linewidths=0.4, zorder=2)
+        if jitter:
+            x = x + jitter_rng.uniform(-jitter, jitter, size=len(x))
+        for r in round_ids:
+            sel = (rounds == r) & ~high
+            if sel.any():
+                ax.scatter(x[sel], shown[sel], color=round_colour.get(r, "C0"), s=28, edgecolors="k",
+                           linewidths=0.4, zorder=2, label=f"round {r}")
+            has_normal = sel.any()
+            sel = (rounds == r) & high
+            if sel.any():
+                ax.scatter(x[sel], shown[sel], color=round_colour.get(r, "C0"), marker="^", s=44, edgecolors="k",
+                           linewidths=0.4, zorder=2, clip_on=False, label=None if has_normal else f"round {r}")
         if math.isfinite(best.score):
             ax.scatter([bx], [best.score], marker="*", s=220, color="C3", edgecolors="k", zorder=3,
-                       label=f"best (trial {best.id})")
-            ax.legend(fontsize="x-small", loc="best")
+                       label=f"best (trial {best.id}, round {best.round})")
+        if ax.get_xscale() == "log":
+            finite = x[np.isfinite(x) & (x > 0)]
+            lo, hi = (float(finite.min()), float(finite.max())) if len(finite) else (1.0, 10.0)
+            if isinstance(sampler, IntUniform):
+                lo, hi = sampler.low, sampler.high
+                ax.set_xlim(lo / 1.15, hi * 1.15)
+                _int_log_ticks(ax.xaxis, lo, hi)
+            else:
+                ax.set_xlim(lo / 1.3, hi * 1.3)
+                _log_ticks(ax.xaxis, lo / 1.3, hi * 1.3)
+        if top is not None:
+            lo_y = float(scores[~high].min())
+            ax.set_ylim(lo_y - 0.08 * (top - lo_y), top)
+            n_high = int(high.sum())
+            ax.text(0.99, 0.98, f"\u25b2 {n_high} trial{'s' * (n_high != 1)} above "
+                    f"(up to {scores.max():.3g})", transform=ax.transAxes, ha="right", va="top",
+                    fontsize="x-small", color="0.3")
         ax.set_title(f"{label} vs {k}")
         ax.set_xlabel(xlabel)
         ax.set_ylabel(label)
+        ax.grid(True, which="major", alpha=0.25)
     for ax in axes[len(keys):]:
         ax.set_visible(False)
+    handles, labels = axes[0].get_legend_handles_labels()
+    if handles:  # one legend for the whole figure: rounds and the best trial
+        fig.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 6), fontsize="small")
     extra = f", {n_bad} diverged (not shown)" if n_bad else ""
     fig.suptitle(f"random search: {len(result.trials)} trials, {n_rounds} round{'s' * (n_rounds != 1)}"
                  f" (colour = round){extra}")

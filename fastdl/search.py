@@ -459,7 +459,9 @@ class Trial:
 
     ``score`` is what the search minimises: ``dev_error`` for classifiers,
     ``dev_loss`` for regression (``inf`` when training diverged).
-    ``history`` holds the per-epoch curves of ``fit``.
+    ``history`` holds the per-epoch curves of ``fit``. ``round`` is the
+    coarse-to-fine round, numbered from 1 (as in the log and the table);
+    ``id`` numbers the trials of the whole search from 0.
     """
 
     id: int
@@ -615,8 +617,9 @@ class SearchResult:
         The best configuration retrained with its seed (identical to the
         trial's model: training is deterministic); ``None`` with ``refit=False``.
     space : dict
-        The search space as given; ``round_spaces[r]`` is the (shrunk) space
-        sampled in round ``r``.
+        The search space as given; ``round_spaces[r - 1]`` is the (shrunk)
+        space sampled in round ``r`` (rounds are numbered from 1, as in the
+        log and the table).
     score_name : str
         ``'dev_error'`` or ``'dev_loss'``.
     time : float
@@ -824,7 +827,9 @@ def search(space: Mapping[str, Any], X, y, *, validation_data: "tuple[Any, Any] 
             for i in range(n_trials):
                 tid = rnd * n_trials + i
                 settings = sample_space(current, seed, rnd, i)
-                task = _Task(tid, rnd, _trial_seed(seed, rnd, i), settings, loss, n_out, backend, dtype)
+                # rounds are numbered from 1 wherever a user sees them (log, table, Trial.round); the
+                # 0-based rnd only keys the random streams
+                task = _Task(tid, rnd + 1, _trial_seed(seed, rnd, i), settings, loss, n_out, backend, dtype)
                 _build(task, X.shape[1])  # fail fast, in this process, on invalid settings
                 tasks.append(task)
             t0 = time.perf_counter()
@@ -832,7 +837,7 @@ def search(space: Mapping[str, Any], X, y, *, validation_data: "tuple[Any, Any] 
             if verbose:
                 best_t = min(trials, key=lambda t: (t.score, t.id))
                 print(f"round {rnd + 1}/{rounds}: {n_trials} trials in {time.perf_counter() - t0:.2f} s; "
-                      f"best so far trial {best_t.id} with {_fmt(best_t.score)}", flush=True)
+                      f"best so far trial {best_t.id} (round {best_t.round}) with {_fmt(best_t.score)}", flush=True)
     finally:
         if remote is not None:
             remote.release()

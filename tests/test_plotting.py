@@ -202,13 +202,24 @@ def test_plot_search(search_result, tmp_path):
     assert lr.get_xscale() == "log" and units.get_xscale() == "linear" and kp.get_xscale() == "linear"
     assert beta1.get_xscale() == "log" and beta1.get_xlabel().startswith("1 - beta1")
     assert [t.get_text() for t in bn.get_xticklabels()] == ["True", "False"]
-    points = lr.collections[0].get_offsets()
+    rounds = [c for c in lr.collections if str(c.get_label()).startswith("round ")]
+    assert [c.get_label() for c in rounds] == ["round 1", "round 2"]            # rounds numbered from 1
+    points = np.concatenate([c.get_offsets() for c in rounds])
     assert len(points) == 8                                                  # every trial
     assert np.allclose(sorted(points[:, 0]), sorted(t.settings["lr"] for t in search_result.trials))
-    assert np.allclose(sorted(1 - beta1.collections[0].get_offsets()[:, 0]),
+    b_rounds = [c for c in beta1.collections if str(c.get_label()).startswith("round ")]
+    assert np.allclose(sorted(1 - np.concatenate([c.get_offsets() for c in b_rounds])[:, 0]),
                        sorted(t.settings["beta1"] for t in search_result.trials))
-    star = lr.collections[1].get_offsets()
+    star = next(c for c in lr.collections if str(c.get_label()).startswith("best")).get_offsets()
     assert star[0][1] == search_result.best_score                           # best trial starred
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert legend[:2] == ["round 1", "round 2"] and legend[2].startswith("best (trial")
+    # integer settings on integer ticks; readable log ticks (plain numbers, no 10^x mathtext)
+    fig.canvas.draw()
+    assert all(float(t).is_integer() for t in units.get_xticks())
+    assert units.get_xlabel() == "units (integer)"
+    labels = [t.get_text() for t in lr.get_xticklabels() + lr.get_xticklabels(minor=True) if t.get_text()]
+    assert labels and all("$" not in t for t in labels) and "0.01" in labels
     assert search_result.plot().axes                                         # SearchResult.plot
     with pytest.raises(ValueError, match="not in the search space"):
         plot_search(search_result, keys=["momentum"])
@@ -249,3 +260,50 @@ def test_plot_without_matplotlib_fails_before_training(monkeypatch, tmp_path, ca
     assert main(["train", "--epochs", "1", "--backend", "reference", "--plot", str(tmp_path / "x.png")]) == 2
     err = capsys.readouterr()
     assert "fastdl[plot]" in err.err and "trained" not in err.out
+
+
+class _FakeTrial:
+    def __init__(self, i, rnd, lr, score):
+        self.id, self.round, self.score, self.settings = i, rnd, score, {"lr": lr, "units": 16 + i}
+        self.dev_error = score
+
+
+@needs_mpl
+def test_plot_search_outlier_does_not_squash_the_range():
+    from types import SimpleNamespace
+
+    from fastdl.plotting import plot_search
+    from fastdl.search import IntUniform, LogUniform
+
+    rng = np.random.default_rng(0)
+    scores = list(0.02 + 0.06 * rng.random(19)) + [0.9]          # one trial stuck at chance
+    trials = [_FakeTrial(i, 1 + i // 10, float(10 ** rng.uniform(-4, -1)), s) for i, s in enumerate(scores)]
+    best = min(trials, key=lambda t: t.score)
+    result = SimpleNamespace(space={"lr": LogUniform(1e-4, 1e-1), "units": IntUniform(16, 256, log=True)},
+                             trials=trials, best_trial=best, round_spaces=[{}, {}], score_name="dev_error")
+    fig = plot_search(result)
+    ax = fig.axes[0]
+    lo, hi = ax.get_ylim()
+    assert hi < 0.2 and lo < 0.02                                 # the useful range fills the panel
+    assert any("1 trial above" in t.get_text() and "0.9" in t.get_text() for t in ax.texts)
+    units = fig.axes[1]
+    fig.canvas.draw()
+    ticks = [t for t in units.get_xticks() if units.get_xlim()[0] <= t <= units.get_xlim()[1]]
+    assert ticks == [16, 32, 64, 128, 256]                       # log-scale integers at powers of two
+    unclipped = plot_search(result, clip_outliers=False).axes[0]
+    assert unclipped.get_ylim()[1] > 0.9
+
+
+@needs_mpl
+def test_constant_learning_rate_panel():
+    from fastdl.plotting import plot_history
+
+    fig = plot_history({"loss": [1.0, 0.5, 0.4], "lr": [3e-3] * 3})
+    ax = fig.axes[3]
+    assert ax.get_title() == "learning rate (constant 0.003)"
+    assert ax.get_ylim() == (0.0, 0.006) and ax.get_yscale() == "linear"
+    fig.canvas.draw()
+    labels = [t.get_text() for t in ax.get_yticklabels()]
+    assert "0.003" in labels and not any("e" in t for t in labels)
+    decaying = plot_history({"loss": [1.0] * 4, "lr": [1.0, 0.1, 0.01, 0.001]}).axes[3]
+    assert decaying.get_yscale() == "log"

@@ -194,7 +194,7 @@ def test_serial_search_result(serial, digits):
     Xtr, ytr, Xdv, ydv = digits
     r = serial
     assert isinstance(r, SearchResult) and r.executor == "serial"
-    assert [t.id for t in r.trials] == list(range(8)) and [t.round for t in r.trials] == [0] * 4 + [1] * 4
+    assert [t.id for t in r.trials] == list(range(8)) and [t.round for t in r.trials] == [1] * 4 + [2] * 4
     assert len({t.seed for t in r.trials}) == 8                            # each trial its own seed
     for t in r.trials:
         assert t.status == "ok" and t.epochs == 2 and t.time > 0
@@ -370,3 +370,17 @@ def test_fastdl_search_on_a_dask_scheduler(capsys):
 def test_fastdl_search_bad_param_exits_2(capsys):
     assert main(["search", "--param", "lr=logg:1:2", "--n-jobs", "1"]) == 2
     assert "unknown sampler" in capsys.readouterr().err
+
+
+def test_rounds_are_numbered_from_1_in_the_log_and_the_table(digits, capsys):
+    Xtr, ytr, Xdv, ydv = digits
+    r = search(SPACE, Xtr, ytr, validation_data=(Xdv, ydv), n_jobs=1, refit=False, verbose=1, **KW)
+    log = capsys.readouterr().out
+    assert "round 1/2:" in log and "round 2/2:" in log and "round 0" not in log
+    lines = r.table().splitlines()
+    col = lines[0].split().index("round")
+    table_rounds = {int(line.split()[col]) for line in lines[1:]}
+    assert table_rounds == {1, 2} == {t.round for t in r.trials}
+    best = min(r.trials, key=lambda t: (t.score, t.id))
+    assert f"best so far trial {best.id} (round {best.round})" in log
+    assert r.to_records()[0]["round"] == 1
