@@ -19,6 +19,8 @@ from hypothesis import strategies as st
 
 from fastdl.backends import available_backends, get_backend, reference
 from fastdl.backends.contract import IDENTITY, KERNELS, RELU, SIGMOID, TANH
+from fastdl.plan import (OPT_ADAM, OPT_CLASSICAL_MOMENTUM, OPT_MOMENTUM, OPT_NESTEROV, OPT_RMSPROP, OPT_SGD,
+                         OptimizerSpec, step_scalars)
 
 BACKENDS = [b for b in available_backends() if b != "reference"]
 DTYPES = [np.float32, np.float64]
@@ -458,6 +460,34 @@ def test_mse(bname, dtype, shape, want_grad):
     assert_close(dz_b, dz_r, dtype)
 
 
+@backend_param
+@dtype_param
+@pytest.mark.parametrize("loss", ["softmax_cross_entropy", "sigmoid_bce", "mse"])
+@pytest.mark.parametrize("m", [1, 7, 130, 1000])
+@pytest.mark.parametrize("want_grad", [True, False])
+def test_weighted_losses(bname, dtype, loss, m, want_grad):
+    """Per-example weights (contract: sw left to right, loss sum(w L)/sw, dZ_i = w_i/sw * g_i)."""
+    be = get_backend(bname)
+    rng = rng_for(11, m, loss)
+    k = {"softmax_cross_entropy": 10, "sigmoid_bce": 1, "mse": 3}[loss]
+    Z = randn(rng, (m, k), dtype, scale=3.0)
+    y = {"softmax_cross_entropy": lambda: rng.integers(0, k, size=m).astype(np.int64),
+         "sigmoid_bce": lambda: rng.integers(0, 2, size=m).astype(dtype),
+         "mse": lambda: randn(rng, (m, k), dtype)}[loss]()
+    w = rng.uniform(0.0, 2.0, m)
+    w[::3] = 0.0 if m > 1 else w[::3]          # zero weights are allowed
+    dz_r = nan_like(Z) if want_grad else np.empty((0, 0), dtype)
+    dz_b = nan_like(Z) if want_grad else np.empty((0, 0), dtype)
+    l_r = getattr(reference, loss)(Z, y, dz_r, w)
+    l_b = getattr(be, loss)(Z, y, dz_b, w)
+    assert_loss_close(l_b, l_r, dtype)
+    assert_close(dz_b, dz_r, dtype, scale=1.0 / m)
+    # all-zero weights: the batch contributes nothing
+    dz0 = nan_like(Z)
+    assert getattr(be, loss)(Z, y, dz0, np.zeros(m)) == 0.0
+    assert (dz0 == 0).all()
+
+
 # --------------------------------------------------------------------------- dropout
 
 
@@ -559,21 +589,32 @@ OPT_SIZES = [1, 3, 7, 17, 33, 65, 130, 1001, 70001]
 
 
 def _run_opt(mod, name, p, g_seq, state, **kw):
+    """``len(g_seq)`` steps of optimiser ``name`` with the coefficients the plan computes for each step."""
+    kind = {"sgd": OPT_SGD, "momentum": OPT_MOMENTUM, "rmsprop": OPT_RMSPROP, "adam": OPT_ADAM,
+            "nesterov": OPT_NESTEROV, "classical": OPT_CLASSICAL_MOMENTUM}[name]
+    spec = OptimizerSpec(kind, (kw.get("beta", kw.get("beta1", kw.get("mu", 0.0))), kw.get("beta2", 0.0),
+                                kw.get("eps", 0.0)), kw.get("bias_correction", False))
     for t, g in enumerate(g_seq, start=1):
+        c1, c2 = step_scalars(spec, kw["lr"], t)
         if name == "sgd":
-            mod.sgd_step(p, g, kw["lr"])
+            mod.sgd_step(p, g, c1)
         elif name == "momentum":
-            mod.momentum_step(p, g, state[0], kw["lr"], kw["beta"], t, kw["bias_correction"])
+            mod.momentum_step(p, g, state[0], kw["beta"], c1)
+        elif name in ("nesterov", "classical"):
+            mod.nesterov_step(p, g, state[0], kw["mu"], c1, name == "nesterov")
         elif name == "rmsprop":
-            mod.rmsprop_step(p, g, state[0], kw["lr"], kw["beta2"], kw["eps"])
+            mod.rmsprop_step(p, g, state[0], c1, kw["beta2"], kw["eps"])
         elif name == "adam":
-            mod.adam_step(p, g, state[0], state[1], kw["lr"], kw["beta1"], kw["beta2"], kw["eps"], t)
+            mod.adam_step(p, g, state[0], state[1], kw["beta1"], kw["beta2"], kw["eps"], c1, c2)
 
 
 OPT_CASES = {
     "sgd": dict(lr=0.05),
     "momentum": dict(lr=0.05, beta=0.9, bias_correction=False),
     "momentum_bc": dict(lr=0.05, beta=0.9, bias_correction=True),
+    "nesterov": dict(lr=0.05, mu=0.9),
+    "nesterov_odd": dict(lr=0.3, mu=0.5),
+    "classical": dict(lr=0.05, mu=0.9),
     "rmsprop": dict(lr=1e-3, beta2=0.999, eps=1e-8),
     "adam": dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8),
     "adam_odd": dict(lr=0.3, beta1=0.5, beta2=0.9, eps=1e-4),
@@ -592,7 +633,7 @@ def test_optimizer_many_steps(bname, dtype, case, n):
     steps = 30 if n > 10000 else 60
     p0 = randn(rng, (n,), dtype)
     grads = [randn(rng, (n,), dtype) for _ in range(steps)]
-    nstate = {"sgd": 0, "momentum": 1, "rmsprop": 1, "adam": 2}[name]
+    nstate = {"sgd": 0, "momentum": 1, "nesterov": 1, "classical": 1, "rmsprop": 1, "adam": 2}[name]
     res = []
     for mod in (reference, be):
         p = p0.copy()
@@ -611,10 +652,12 @@ def test_optimizer_zero_grad_and_first_step(bname, dtype):
     n = 37
     p, g = np.ones(n, dtype), np.zeros(n, dtype)
     v, s = np.zeros(n, dtype), np.zeros(n, dtype)
-    be.adam_step(p, g, v, s, 1e-3, 0.9, 0.999, 1e-8, 1)
+    be.adam_step(p, g, v, s, 0.9, 0.999, 1e-8, 1e-3 / (1 - 0.9), 1 / (1 - 0.999))
     np.testing.assert_array_equal(p, np.ones(n, dtype))
     be.rmsprop_step(p, g, s, 1e-3, 0.999, 1e-8)
-    be.momentum_step(p, g, v, 1e-3, 0.9, 1, True)
+    be.momentum_step(p, g, v, 0.9, 1e-3 / (1 - 0.9))
+    be.nesterov_step(p, g, v, 0.9, 1e-3, True)
+    be.nesterov_step(p, g, v, 0.9, 1e-3, False)
     np.testing.assert_array_equal(p, np.ones(n, dtype))
 
 
@@ -673,14 +716,15 @@ def test_numba_kernels_work_in_a_forked_child():
     p = np.ones(1 << 20, np.float32)
     g, v, s = p.copy(), np.zeros_like(p), np.zeros_like(p)
     nb.set_parallel(True, adam=0)
-    nb.adam_step(p, g, v, s, 1e-3, 0.9, 0.999, 1e-8, 1)        # parallel region in the parent
+    c = {t: step_scalars(OptimizerSpec(OPT_ADAM, (0.9, 0.999, 1e-8)), 1e-3, t) for t in (1, 2)}
+    nb.adam_step(p, g, v, s, 0.9, 0.999, 1e-8, *c[1])        # parallel region in the parent
     expected = p.copy()
-    reference.adam_step(expected, g, v.copy(), s.copy(), 1e-3, 0.9, 0.999, 1e-8, 2)
+    reference.adam_step(expected, g, v.copy(), s.copy(), 0.9, 0.999, 1e-8, *c[2])
     pid = os.fork()
     if pid == 0:                                                 # child: exit code reports the result
         code = 1
         try:
-            nb.adam_step(p, g, v, s, 1e-3, 0.9, 0.999, 1e-8, 2)
+            nb.adam_step(p, g, v, s, 0.9, 0.999, 1e-8, *c[2])
             code = 0 if np.allclose(p, expected, rtol=1e-5) else 2
         finally:
             os._exit(code)
@@ -731,9 +775,11 @@ def test_numba_serial_and_parallel_variants_bit_identical(dtype):
         res += [mask, do, da]
         p, v, s = flat.copy(), np.zeros_like(flat), np.zeros_like(flat)
         for t in range(1, 4):
-            nb.adam_step(p, dout.reshape(-1), v, s, 1e-2, 0.9, 0.999, 1e-8, t)
+            c1, c2 = step_scalars(OptimizerSpec(OPT_ADAM, (0.9, 0.999, 1e-8)), 1e-2, t)
+            nb.adam_step(p, dout.reshape(-1), v, s, 0.9, 0.999, 1e-8, c1, c2)
             nb.rmsprop_step(p, dout.reshape(-1), s, 1e-2, 0.9, 1e-8)
-            nb.momentum_step(p, dout.reshape(-1), v, 1e-2, 0.9, t, True)
+            nb.momentum_step(p, dout.reshape(-1), v, 0.9, 1e-2 / (1 - 0.9 ** t))
+            nb.nesterov_step(p, dout.reshape(-1), v, 0.9, 1e-2, t % 2 == 0)
             nb.sgd_step(p, dout.reshape(-1), 1e-2)
         res += [p, v, s, np.array(nb.sum_squares(flat))]
         return res

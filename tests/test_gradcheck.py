@@ -57,6 +57,21 @@ def test_gradcheck_every_layer_type(loss, k, l2):
     assert "good" in str(report)
 
 
+@pytest.mark.parametrize("loss, k", [("softmax_cross_entropy", 3), ("binary_cross_entropy", 1), ("mse", 2)])
+@pytest.mark.parametrize("l2_scale", ["batch", "dataset"])
+def test_gradcheck_with_sample_weights(loss, k, l2_scale):
+    """J = sum(w_i L_i)/sum(w) + lambda/(2 sum(w)) ||W||^2: backprop of the weighted cost is exact too."""
+    X, y = data(m=7, k=k, loss=loss, seed=k + 20)
+    w = np.random.default_rng(k).uniform(0.0, 3.0, 7)
+    model = fd.Sequential(every_layer(4, k), loss=loss, l2=0.4, l2_scale=l2_scale, dtype="float64",
+                          backend=B, seed=k)
+    report = fd.gradcheck(model, X, y, sample_weight=w)
+    assert report.difference < 1e-7, str(report)
+    # the weights matter: an unweighted check of the same model finds other gradients
+    unweighted = fd.gradcheck(model, X, y)
+    assert not np.allclose(report.exact, unweighted.exact)
+
+
 @pytest.mark.parametrize("act", [fd.ReLU, fd.Tanh, fd.Sigmoid])
 def test_gradcheck_fused_and_standalone_activations(act):
     X, y = data(seed=3)

@@ -768,3 +768,133 @@ def test_optimizer_reused_on_another_model():
     opt.reset()
     mlp(h=9).fit(X, y, optimizer=opt, epochs=1)
     assert opt.t == 1
+
+
+# ----------------------------------------------------------------------------- precision
+
+
+def test_precision_validated_saved_and_in_the_plan():
+    model = fd.Sequential([fd.Dense(3, 2)], precision="bf16", backend=B)
+    assert model.precision == "bf16" and model.get_config()["precision"] == "bf16"
+    assert all(op.precision == 1 for op in model.plan.ops)
+    again = fd.Sequential.from_config(model.get_config(), backend=B)
+    assert again.precision == "bf16"
+    old = model.get_config()
+    del old["precision"]  # files written before precision existed
+    assert fd.Sequential.from_config(old, backend=B).precision == "fp32"
+    with pytest.raises(ValueError, match="unknown precision 'fp16'; choose one of.*bf16.*fp32"):
+        fd.Sequential([fd.Dense(3, 2)], precision="fp16", backend=B)
+    with pytest.raises(ValueError, match="bf16.*needs dtype='float32'"):
+        fd.Sequential([fd.Dense(3, 2)], precision="bf16", dtype="float64", backend=B)
+    assert model.copy(precision="fp32").precision == "fp32"
+    assert "bf16" in repr(model)
+
+
+def test_bf16_model_rounds_the_gemm_operands():
+    """precision='bf16' (reference emulation): the forward equals float32 math on bf16-rounded X and W."""
+    from fastdl.backends.reference import round_to_bf16
+
+    X, y = make_data(16, 5, 3, seed=8)
+    X = X * 1.2345  # values with low mantissa bits set
+    fp = mlp(seed=4, backend=B)
+    bf = mlp(seed=4, backend=B, precision="bf16")
+    d0, d1 = bf.layers[0], bf.layers[2]
+    A = np.maximum(round_to_bf16(X).astype(np.float64) @ round_to_bf16(d0.W) + d0.b, 0).astype(np.float32)
+    expected = round_to_bf16(A).astype(np.float64) @ round_to_bf16(d1.W) + d1.b
+    out = bf.decision_function(X)
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+    assert not np.array_equal(out, fp.decision_function(X))
+    # training works and the gradient check runs on the float64 fp32 copy
+    Jb, Jf = bf.compute_gradients(X, y), fp.compute_gradients(X, y)
+    assert Jb == pytest.approx(Jf, rel=2e-2)
+    assert fd.gradcheck(bf, X[:6], y[:6]).difference < 1e-6
+
+
+# ----------------------------------------------------------------------------- per-example weights
+
+
+@pytest.mark.parametrize("loss", ["softmax_cross_entropy", "binary_cross_entropy", "mse"])
+def test_integer_weights_equal_duplicated_rows(loss):
+    """scikit-learn's rule: weight 2 == the row twice (loss, gradient and the L2 term's m).
+    (Without BatchNorm: its batch statistics see each row once, whatever its weight.)"""
+    rng = np.random.default_rng(3)
+    k = {"softmax_cross_entropy": 3, "binary_cross_entropy": 1, "mse": 2}[loss]
+    X = rng.standard_normal((9, 5))
+    y = {"softmax_cross_entropy": rng.integers(0, 3, 9), "binary_cross_entropy": rng.integers(0, 2, 9),
+         "mse": rng.standard_normal((9, 2))}[loss]
+    w = np.array([1, 2, 0, 3, 1, 1, 2, 1, 4])
+    a = mlp(k=k, loss=loss, l2=0.3, dtype="float64", seed=1)
+    b = mlp(k=k, loss=loss, l2=0.3, dtype="float64", seed=1)
+    Ja = a.compute_gradients(X, y, sample_weight=w, dropout=False)
+    rep = np.repeat(np.arange(9), w)
+    Jb = b.compute_gradients(X[rep], y[rep], dropout=False)
+    assert Ja == pytest.approx(Jb, rel=1e-12)
+    np.testing.assert_allclose(a.grads, b.grads, rtol=1e-10, atol=1e-13)
+    ea, eb = a.evaluate(X, y, sample_weight=w), b.evaluate(X[rep], y[rep])
+    assert ea.keys() == eb.keys()
+    for key in ea:
+        assert ea[key] == pytest.approx(eb[key], rel=1e-12, abs=1e-15)
+
+
+def test_unit_weights_equal_the_unweighted_step():
+    X, y = make_data(12, 5, 3, seed=5)
+    a, b = mlp(l2=0.2, seed=2), mlp(l2=0.2, seed=2)
+    Ja = a.compute_gradients(X, y, sample_weight=np.ones(12))
+    Jb = b.compute_gradients(X, y)
+    assert Ja == pytest.approx(Jb, rel=1e-6)
+    np.testing.assert_allclose(a.grads, b.grads, rtol=1e-5, atol=1e-7)
+
+
+def test_weights_scale_invariant_and_dataset_l2():
+    X, y = make_data(12, 5, 3, seed=6)
+    w = np.random.default_rng(0).uniform(0.1, 2, 12)
+    # the data term is invariant to the weights' scale (the L2 term's m = sum(w) is not: scikit-learn's rule)
+    a, b = mlp(seed=2, dtype="float64"), mlp(seed=2, dtype="float64")
+    assert a.compute_gradients(X, y, sample_weight=w) == pytest.approx(
+        b.compute_gradients(X, y, sample_weight=10 * w), rel=1e-12)
+    np.testing.assert_allclose(a.grads, b.grads, rtol=1e-10)
+    c = mlp(l2=0.2, seed=2, dtype="float64")
+    ss = sum(float(np.sum(la.W ** 2)) for la in _dense(c))
+    assert c.compute_gradients(X, y, sample_weight=10 * w) == pytest.approx(
+        a.evaluate(X, y, sample_weight=w)["loss"] + 0.2 / (2 * 10 * w.sum()) * ss, rel=1e-6)
+    # l2_scale='dataset': the L2 m stays n_total, only the data term is weighted
+    d = mlp(l2=0.2, seed=2, dtype="float64", l2_scale="dataset")
+    J = d.compute_gradients(X, y, sample_weight=w, n_total=500)
+    assert J == pytest.approx(d.evaluate(X, y, sample_weight=w)["loss"]
+                              + 0.2 / 1000 * sum(float(np.sum(la.W ** 2)) for la in _dense(d)), rel=1e-6)
+
+
+@pytest.mark.parametrize("bad,match", [
+    (np.ones(5), r"shape \(12,\)"), (np.ones((12, 1)), r"shape \(12,\)"),
+    (np.r_[np.ones(11), np.nan], "NaN or infinite"), (np.r_[np.ones(11), -1.0], ">= 0"),
+    (np.zeros(12), "sums to 0"), (["a"] * 12, "numbers")])
+def test_sample_weight_validation(bad, match):
+    X, y = make_data(12, 5, 3)
+    model = mlp()
+    with pytest.raises((ValueError, TypeError), match=match):
+        model.compute_gradients(X, y, sample_weight=bad)
+    with pytest.raises((ValueError, TypeError), match=match):
+        model.evaluate(X, y, sample_weight=bad)
+
+
+def test_classical_momentum_trains_like_scikit_learns_rule():
+    """Two steps of fd.ClassicalMomentum against scikit-learn's update written out."""
+    X, y = make_data(10, 5, 3, seed=9)
+    for nesterov in (True, False):
+        model = mlp(seed=3, dtype="float64")
+        opt = fd.ClassicalMomentum(lr=0.1, momentum=0.8, nesterov=nesterov, backend=B)
+        p = model.params.copy()
+        v = np.zeros_like(p)
+        for _ in range(3):
+            model.compute_gradients(X, y)
+            g = model.grads.copy()
+            v = 0.8 * v - 0.1 * g
+            p = p + (0.8 * v - 0.1 * g if nesterov else v)
+            opt.step(model.params, model.grads)
+        np.testing.assert_allclose(model.params, p, rtol=1e-12)
+        assert opt.t == 3 and repr(opt).startswith("ClassicalMomentum(")
+        restored = get_optimizer("classical_momentum", **opt.get_config())
+        restored.load_state_dict(opt.state_dict())
+        np.testing.assert_array_equal(restored.state["v"], opt.state["v"])
+    with pytest.raises(ValueError, match="momentum"):
+        fd.ClassicalMomentum(momentum=1.0)
