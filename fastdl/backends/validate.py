@@ -329,4 +329,5 @@ def checked(kernel: str, raw: Callable, reference: Callable) -> Callable:
 
     entry.__qualname__ = entry.__name__ = kernel
     entry.__wrapped__ = raw   # type: ignore[attr-defined]
+    entry.__signature__ = inspect.signature(reference)   # type: ignore[attr-defined]  # the contract's
     return entry
