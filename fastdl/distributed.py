@@ -34,8 +34,10 @@ What :func:`fastdl.training.fit` does with ``distributed=True`` (or a
 * only rank 0 prints, checkpoints and (in the CLI) saves;
 * an exception on any rank aborts the whole job (``MPI_Abort``) with a
   message naming the rank, instead of leaving the others blocked in a
-  collective; optionally every collective has a timeout
-  (``FASTDL_MPI_TIMEOUT`` seconds) after which the job is aborted too.
+  collective; every collective also has a timeout (default 30 minutes,
+  ``FASTDL_MPI_TIMEOUT`` seconds or ``MPICommunicator(timeout=)``; 0 = none)
+  after which the job is aborted with a message naming the collective and
+  the rank(s) that stopped responding.
 
 MPI comes from the optional extra: ``pip install "fastdl[mpi]"`` (``mpi4py``
 plus the ``mpich`` wheel, which ships ``mpiexec``; no system MPI needed).
@@ -114,6 +116,36 @@ def _import_mpi():
     return MPI
 
 
+#: seconds a collective may take by default before the job is aborted (PyTorch's process groups: 30 min)
+DEFAULT_TIMEOUT = 1800.0
+#: point-to-point tags of the heartbeat that names an unresponsive rank (on the job's communicator;
+#: MPI guarantees tags up to 32767)
+_HB_QUERY, _HB_REPLY = 32101, 32102
+_KINDS = ("all-reduce", "broadcast", "object broadcast", "barrier")
+
+
+def resolve_timeout(timeout: float | None = None) -> float | None:
+    """The collective timeout in seconds, or None for none (blocking collectives).
+
+    ``timeout`` if given, else the ``FASTDL_MPI_TIMEOUT`` environment variable,
+    else :data:`DEFAULT_TIMEOUT` (30 minutes); 0 means no timeout.
+    """
+    source = "timeout"
+    if timeout is None:
+        env = os.environ.get("FASTDL_MPI_TIMEOUT", "").strip()
+        if not env:
+            return DEFAULT_TIMEOUT
+        source = "FASTDL_MPI_TIMEOUT"
+        try:
+            timeout = float(env)
+        except ValueError:
+            raise ValueError(f"FASTDL_MPI_TIMEOUT must be a number of seconds (0 = no timeout), "
+                             f"got {env!r}") from None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or math.isnan(timeout) or timeout < 0:
+        raise ValueError(f"{source} must be a number of seconds >= 0 (0 = no timeout), got {timeout!r}")
+    return None if timeout == 0 or math.isinf(timeout) else float(timeout)
+
+
 class MPICommunicator(Communicator):
     """An MPI communicator (default ``MPI.COMM_WORLD``) through ``mpi4py``.
 
@@ -121,10 +153,18 @@ class MPICommunicator(Communicator):
     ----------
     comm : mpi4py communicator, optional
     timeout : float, optional
-        Seconds a collective may take before the whole job is aborted (a peer
-        died without MPI noticing, or is stuck). Default: the
-        ``FASTDL_MPI_TIMEOUT`` environment variable, else no timeout (blocking
-        collectives, the fastest path).
+        Seconds any collective (all-reduce, broadcast, object broadcast,
+        barrier) may take before the whole job is aborted: a peer died
+        without MPI noticing, was stopped, or is stuck. Default: the
+        ``FASTDL_MPI_TIMEOUT`` environment variable, else 1800 s (like
+        PyTorch's process groups); 0 = no timeout (blocking collectives).
+
+    With a timeout, collectives are the non-blocking MPI calls completed by
+    a polling loop (the measured cost is in the README). On a timeout the
+    rank asks every other rank, point to point, which collective it is
+    waiting in; the abort message names the collective, and the ranks that
+    did not answer (stopped, dead, or busy outside fastdl's collectives) or
+    that wait in a different collective.
     """
 
     name = "mpi"
@@ -134,53 +174,132 @@ class MPICommunicator(Communicator):
         self.comm = comm if comm is not None else self.MPI.COMM_WORLD
         self.rank = self.comm.Get_rank()
         self.size = self.comm.Get_size()
-        if timeout is None and os.environ.get("FASTDL_MPI_TIMEOUT"):
-            timeout = float(os.environ["FASTDL_MPI_TIMEOUT"])
-        self.timeout = timeout if timeout and timeout > 0 else None
+        self.timeout = resolve_timeout(timeout)
+        self._seq = 0                      # collectives started by this rank (the same on every rank)
+        self._kind = -1                    # index into _KINDS of the collective being waited for
+        self._hb_out: list[Any] = []       # pending heartbeat sends (kept alive until complete)
+        self._hb_buf = np.zeros(3, np.int64)
 
-    def _wait(self, req, what: str, nbytes: int) -> None:
-        deadline = time.monotonic() + self.timeout
+    # -- the polling loop -------------------------------------------------------------
+    def _wait(self, req, kind: int, nbytes: int) -> None:
+        """Complete ``req`` or abort the job after ``self.timeout`` seconds."""
+        if req.Test():  # small messages are often done at once: no clock read at all
+            return
+        self._kind = kind
+        start = time.monotonic()
+        deadline = start + self.timeout
+        next_hb = start + 0.05
         spins = 0
         while not req.Test():
             spins += 1
-            if spins > 1000:
-                if time.monotonic() > deadline:
-                    self.abort(f"fastdl.distributed: rank {self.rank}/{self.size}: {what} of {nbytes} bytes did "
-                               f"not complete within {self.timeout:g} s (FASTDL_MPI_TIMEOUT); another rank has "
-                               "probably died or stopped taking part. Aborting the job.")
+            if spins > 1000:  # after ~1000 polls (tens of us) stop burning the core another rank may need
+                now = time.monotonic()
+                if now >= next_hb:  # answer heartbeat queries of ranks that timed out (cheap, 20 Hz)
+                    self._answer_heartbeats()
+                    next_hb = now + 0.05
+                if now > deadline:
+                    self.abort(self._timeout_message(kind, nbytes))
                 time.sleep(2e-5)
+        self._kind = -1
 
+    def _answer_heartbeats(self) -> None:
+        MPI = self.MPI
+        status = MPI.Status()
+        while self.comm.Iprobe(source=MPI.ANY_SOURCE, tag=_HB_QUERY, status=status):
+            q = np.empty(3, np.int64)
+            self.comm.Recv(q, source=status.Get_source(), tag=_HB_QUERY)
+            reply = np.array([self.rank, self._seq, self._kind], np.int64)
+            self._hb_out.append((self.comm.Isend(reply, dest=status.Get_source(), tag=_HB_REPLY), reply))
+        self._hb_out = [(r, b) for r, b in self._hb_out if not r.Test()]
+
+    def _timeout_message(self, kind: int, nbytes: int) -> str:
+        what = f"{_KINDS[kind]} #{self._seq}" + (f" of {nbytes} bytes" if nbytes else "")
+        head = (f"fastdl.distributed: rank {self.rank}/{self.size}: {what} did not complete within "
+                f"{self.timeout:g} s (FASTDL_MPI_TIMEOUT / timeout=)")
+        try:
+            diagnosis = self._heartbeat()
+        except Exception as exc:  # noqa: BLE001 - the diagnosis is best effort; the abort is not
+            diagnosis = f"(no heartbeat diagnosis: {type(exc).__name__}: {exc})"
+        return f"{head}; {diagnosis}. Aborting the job."
+
+    def _heartbeat(self, grace: float | None = None) -> str:
+        """Ask every other rank where it is; say who did not answer or waits elsewhere."""
+        MPI = self.MPI
+        grace = min(10.0, max(1.0, self.timeout / 10)) if grace is None else grace
+        others = [r for r in range(self.size) if r != self.rank]
+        query = np.array([self.rank, self._seq, self._kind], np.int64)
+        sends = [self.comm.Isend(query, dest=r, tag=_HB_QUERY) for r in others]
+        answers: dict[int, tuple[int, int]] = {}
+        status = MPI.Status()
+        end = time.monotonic() + grace
+        while len(answers) < len(others) and time.monotonic() < end:
+            if self.comm.Iprobe(source=MPI.ANY_SOURCE, tag=_HB_REPLY, status=status):
+                a = np.empty(3, np.int64)
+                self.comm.Recv(a, source=status.Get_source(), tag=_HB_REPLY)
+                answers[int(a[0])] = (int(a[1]), int(a[2]))
+            else:
+                self._answer_heartbeats()
+                time.sleep(1e-3)
+        del sends  # never waited for: the job is about to be aborted
+        silent = [r for r in others if r not in answers]
+        elsewhere = [f"rank {r} waits in {_KINDS[k] if 0 <= k < len(_KINDS) else 'no collective'} #{seq}"
+                     for r, (seq, k) in sorted(answers.items()) if (seq, k) != (self._seq, self._kind)]
+        parts = []
+        if silent:
+            parts.append(f"rank{'s' if len(silent) > 1 else ''} {', '.join(map(str, silent))} did not answer a "
+                         f"heartbeat within {grace:g} s (stopped, dead, or busy outside fastdl's collectives)")
+        parts.extend(elsewhere)
+        if not parts:
+            parts.append("every rank answered from this same collective (MPI itself is stuck)")
+        return "; ".join(parts)
+
+    # -- collectives ------------------------------------------------------------------
     def allreduce(self, buf: np.ndarray) -> np.ndarray:
         if self.size == 1:
             return buf
         MPI = self.MPI
+        self._seq += 1
         if self.timeout is None:
             self.comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
         else:
-            self._wait(self.comm.Iallreduce(MPI.IN_PLACE, buf, op=MPI.SUM), "all-reduce", buf.nbytes)
+            self._wait(self.comm.Iallreduce(MPI.IN_PLACE, buf, op=MPI.SUM), 0, buf.nbytes)
         return buf
 
     def bcast(self, buf: np.ndarray, root: int = 0) -> np.ndarray:
         if self.size == 1:
             return buf
+        self._seq += 1
         if self.timeout is None:
             self.comm.Bcast(buf, root=root)
         else:
-            self._wait(self.comm.Ibcast(buf, root=root), "broadcast", buf.nbytes)
+            self._wait(self.comm.Ibcast(buf, root=root), 1, buf.nbytes)
         return buf
 
     def bcast_object(self, obj: Any, root: int = 0) -> Any:
         if self.size == 1:
             return obj
-        return self.comm.bcast(obj, root=root)
+        if self.timeout is None:
+            self._seq += 1
+            return self.comm.bcast(obj, root=root)
+        import pickle  # between the ranks of one job only (as mpi4py's own bcast does); never in files
+
+        data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL) if self.rank == root else b""
+        n = np.array([len(data)], np.int64)
+        self._seq += 1
+        self._wait(self.comm.Ibcast(n, root=root), 2, n.nbytes)
+        buf = np.frombuffer(bytearray(data), np.uint8) if self.rank == root else np.empty(int(n[0]), np.uint8)
+        self._seq += 1
+        self._wait(self.comm.Ibcast(buf, root=root), 2, buf.nbytes)
+        return obj if self.rank == root else pickle.loads(buf.tobytes())
 
     def barrier(self) -> None:
         if self.size == 1:
             return
+        self._seq += 1
         if self.timeout is None:
             self.comm.Barrier()
         else:
-            self._wait(self.comm.Ibarrier(), "barrier", 0)
+            self._wait(self.comm.Ibarrier(), 3, 0)
 
     def abort(self, message: str, code: int = 1) -> None:
         print(message, file=sys.stderr, flush=True)
@@ -202,6 +321,10 @@ def launched_by_mpi() -> bool:
 def world(timeout: float | None = None) -> Communicator:
     """The communicator of all ranks of this job (``MPI.COMM_WORLD``), created once.
 
+    ``timeout``: seconds a collective may take (see :class:`MPICommunicator`;
+    default ``FASTDL_MPI_TIMEOUT`` or 30 minutes, 0 = none); passing it again
+    changes the existing communicator's timeout.
+
     Without MPI installed this raises :class:`DistributedError` if the process
     was started by ``mpiexec``, and otherwise returns the one-process group.
     """
@@ -213,6 +336,8 @@ def world(timeout: float | None = None) -> Communicator:
             if launched_by_mpi():
                 raise
             _world = Communicator()
+    elif timeout is not None and isinstance(_world, MPICommunicator):
+        _world.timeout = resolve_timeout(timeout)
     return _world
 
 
@@ -366,7 +491,7 @@ class DataParallel:
         self.n_examples = n_examples
         self.global_batch = batch_size * self.size
         self.seed = rank_seed(model.seed, self.rank)
-        self.bn_layers = [layer for layer in model.layers if isinstance(layer, BatchNorm)]
+        self.bn_layers = [op for op in model._ops if isinstance(op, BatchNorm)]
         self.sync_batchnorm = bool(sync_batchnorm) and self.size > 1 and bool(self.bn_layers)
         self.bn_comm = comm if self.sync_batchnorm else None
         self.global_sizes: list[int] = []
@@ -490,15 +615,20 @@ class DataParallel:
 
     def _phantom_sync_bn(self) -> None:
         """Take part in the synchronised-BatchNorm collectives with zero rows."""
-        self.model.executor.phantom_sync_batchnorm(self.comm)
+        dt = self.model.dtype
+        bufs = []
+        for layer in self.bn_layers:
+            n = layer.n_features
+            buf = {"mean": np.empty(n, dt), "inv_std": np.empty(n, dt), "out": np.empty((0, n), dt)}
+            layer._sync_forward(np.empty((0, n), dt), buf, self.comm)
+            bufs.append(buf)
+        for layer, buf in zip(reversed(self.bn_layers), reversed(bufs)):
+            empty = np.empty((0, layer.n_features), dt)
+            layer._sync_backward(empty, empty, empty, buf, self.comm)
 
     # -- end of epoch -------------------------------------------------------------
-    def reduce_epoch(self, sum_loss: float, sum_cost: float, n_wrong: int,
-                     costs: np.ndarray) -> tuple[float, float, int]:
-        """One all-reduce of the epoch's sums, every batch cost and (per-rank BN) the running statistics.
-
-        ``costs`` (this rank's per-batch costs) is overwritten with the costs of the global batches.
-        """
+    def reduce_epoch(self, sum_loss: float, sum_cost: float, n_wrong: int, history) -> tuple[float, float, int]:
+        """One all-reduce of the epoch's sums, every batch cost and (per-rank BN) the running statistics."""
         k = len(self._weighted_loss)
         avg_state = self.size > 1 and not self.sync_batchnorm and self.model.state.size > 0
         ns = self.model.state.size if avg_state else 0
@@ -509,7 +639,7 @@ class DataParallel:
             buf[3 + k:] = self.model.state
         self.comm.allreduce(buf)
         if k:
-            costs[:k] = buf[3:3 + k] + np.asarray(self._l2_terms)
+            history.batch_cost[-k:] = (buf[3:3 + k] + np.asarray(self._l2_terms)).tolist()
         if avg_state:
             self.model.state[...] = buf[3 + k:] / self.size
         self._weighted_loss.clear()
@@ -537,7 +667,8 @@ class DataParallel:
 
 
 __all__ = [
-    "Communicator", "DataParallel", "DistributedError", "MPICommunicator", "abort_job", "abort_on_error",
+    "Communicator", "DEFAULT_TIMEOUT", "DataParallel", "DistributedError", "MPICommunicator", "abort_job",
+    "abort_on_error", "resolve_timeout",
     "get_communicator", "launched_by_mpi", "local_ranks", "rank", "rank_seed", "shard", "size",
     "threads_per_rank", "world",
 ]

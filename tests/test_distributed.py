@@ -6,6 +6,7 @@ timeout. The in-process tests check the arithmetic without MPI.
 """
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import subprocess
@@ -117,6 +118,28 @@ WORKER = textwrap.dedent('''
                     time.sleep(600)  # stuck: only the collective timeout ends the job
         model().fit(X, y, epochs=1000, batch_size=32, distributed=True, callbacks=[Boom()])
         print("finished", rank, flush=True)
+    elif mode == "stop":  # rank 1 is stopped (SIGSTOP) in the middle of training: it never answers anything
+        import signal
+
+        class Stop(fd.Callback):
+            def on_epoch_end(self, model, epoch, logs):
+                if rank == 1 and epoch == 1:
+                    os.kill(os.getpid(), signal.SIGSTOP)
+        print("timeout", rank, comm.timeout, flush=True)
+        model().fit(X, y, epochs=1000, batch_size=32, distributed=True, callbacks=[Stop()])
+        print("finished", rank, flush=True)
+    elif mode == "stop_object":  # the root of an object broadcast is stopped (a root does not wait for others)
+        import signal
+
+        if rank == 0:
+            os.kill(os.getpid(), signal.SIGSTOP)
+        print("got", comm.bcast_object({"rank0": "hello"}), flush=True)
+    elif mode == "objects":  # object broadcasts and barriers with the timeout machinery give the same results
+        comm.barrier()
+        obj = comm.bcast_object({"x": [1, 2.5, "z"], "arr": np.arange(3)} if rank == 0 else None)
+        big = comm.bcast_object(bytes(range(256)) * 5000 if rank == 0 else None)
+        comm.barrier()
+        print("objects", rank, obj["x"], obj["arr"].tolist(), len(big), big[:3] == bytes([0, 1, 2]), flush=True)
     elif mode == "mismatch":
         if rank == 1:
             X, y = X[:-1], y[:-1]
@@ -133,14 +156,31 @@ def run_mpi(mpiexec, tmp_path, n=2, timeout=TIMEOUT, env=None, **cfg):
     script.write_text(WORKER)
     cfg.setdefault("out", str(tmp_path))
     import json
+    import signal
 
     full_env = dict(os.environ, NUMBA_NUM_THREADS="1", OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1",
                     PYTHONUNBUFFERED="1", **(env or {}))
+    if env is None or "FASTDL_MPI_TIMEOUT" not in env:
+        full_env.pop("FASTDL_MPI_TIMEOUT", None)
     t0 = time.perf_counter()
-    proc = subprocess.run([mpiexec, "-n", str(n), sys.executable, str(script), json.dumps(cfg)],
-                          capture_output=True, text=True, timeout=timeout, env=full_env)
-    proc.elapsed = time.perf_counter() - t0
-    return proc
+    # own session: if the job hangs (e.g. a SIGSTOPped rank), kill every process of it, not only mpiexec
+    proc = subprocess.Popen([mpiexec, "-n", str(n), sys.executable, str(script), json.dumps(cfg)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise AssertionError(f"the MPI job did not end within {timeout} s\n{out[-2000:]}\n{err[-3000:]}") from None
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # leftovers (a stopped rank that the launcher missed)
+        except ProcessLookupError:
+            pass
+    result = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    result.elapsed = time.perf_counter() - t0
+    return result
 
 
 def single_process(bn: bool, batch_size: int, epochs: int):
@@ -222,8 +262,53 @@ def test_a_failing_rank_aborts_the_whole_job(mpiexec, tmp_path):
 def test_a_stuck_rank_is_aborted_by_the_collective_timeout(mpiexec, tmp_path):
     proc = run_mpi(mpiexec, tmp_path, mode="fail", how="stuck", env={"FASTDL_MPI_TIMEOUT": "2"})
     assert proc.returncode != 0
-    assert "did not complete within 2 s (FASTDL_MPI_TIMEOUT)" in proc.stderr
+    assert "rank 0/2: all-reduce #" in proc.stderr
+    assert "did not complete within 2 s (FASTDL_MPI_TIMEOUT" in proc.stderr
+    assert "rank 1 did not answer a heartbeat" in proc.stderr  # busy in its callback, outside any collective
     assert proc.elapsed < 30
+
+
+def test_a_stopped_rank_is_named_after_the_timeout(mpiexec, tmp_path):
+    """Issue 14.8: a SIGSTOPped rank used to hang the job forever; now the timeout names it."""
+    proc = run_mpi(mpiexec, tmp_path, mode="stop", env={"FASTDL_MPI_TIMEOUT": "3"})
+    assert proc.returncode != 0
+    assert "finished" not in proc.stdout
+    assert "timeout 0 3.0" in proc.stdout
+    assert "did not complete within 3 s" in proc.stderr
+    assert "rank 1 did not answer a heartbeat within 1 s (stopped, dead" in proc.stderr, proc.stderr[-3000:]
+    assert proc.elapsed < 40
+
+
+def test_object_broadcasts_have_the_timeout_too(mpiexec, tmp_path):
+    proc = run_mpi(mpiexec, tmp_path, mode="stop_object", env={"FASTDL_MPI_TIMEOUT": "2"})
+    assert proc.returncode != 0
+    assert "rank 1/2: object broadcast #1 of 8 bytes did not complete within 2 s" in proc.stderr, proc.stderr[-3000:]
+    assert "rank 0 did not answer" in proc.stderr
+    assert proc.elapsed < 40
+
+
+@pytest.mark.parametrize("timeout", ["5", "0"])
+def test_object_broadcasts_and_barriers_work_with_and_without_the_timeout(mpiexec, tmp_path, timeout):
+    proc = run_mpi(mpiexec, tmp_path, mode="objects", env={"FASTDL_MPI_TIMEOUT": timeout})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for r in (0, 1):
+        assert f"objects {r} [1, 2.5, 'z'] [0, 1, 2] 1280000 True" in proc.stdout
+
+
+def test_the_default_timeout_is_30_minutes_and_configurable(monkeypatch):
+    monkeypatch.delenv("FASTDL_MPI_TIMEOUT", raising=False)
+    assert D.DEFAULT_TIMEOUT == 1800 and D.resolve_timeout() == 1800
+    assert D.resolve_timeout(0) is None and D.resolve_timeout(2.5) == 2.5 and D.resolve_timeout(math.inf) is None
+    monkeypatch.setenv("FASTDL_MPI_TIMEOUT", "20")
+    assert D.resolve_timeout() == 20 and D.resolve_timeout(7) == 7  # the parameter wins
+    monkeypatch.setenv("FASTDL_MPI_TIMEOUT", "0")
+    assert D.resolve_timeout() is None
+    monkeypatch.setenv("FASTDL_MPI_TIMEOUT", "ten")
+    with pytest.raises(ValueError, match="FASTDL_MPI_TIMEOUT must be a number of seconds.*'ten'"):
+        D.resolve_timeout()
+    for bad in (-1, float("nan"), "5", True):
+        with pytest.raises(ValueError, match="timeout must be a number of seconds"):
+            D.resolve_timeout(bad)
 
 
 def test_ranks_with_different_data_get_a_clear_error_on_every_rank(mpiexec, tmp_path):
