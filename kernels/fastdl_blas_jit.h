@@ -22,7 +22,7 @@ static void fdl_jit_set(size_t create, size_t get) {
 }
 
 /* The JIT kernel of this row-major product, made on first use (under a spin
-   lock: creation is rare); NULL: use the plain sgemm (no MKL, table full,
+   lock: creation is rare); NULL: use the plain sgemm (no MKL, no JIT for this shape/CPU, table full,
    MKL refused). Entries are published with a release store of `ready`. */
 static fdl_sjit_kernel_t fdl_sjit_lookup(int ta, int tb, int M, int N, int K, int lda, int ldb,
                                          float beta, int ldc, void** jitter) {
@@ -42,7 +42,11 @@ static fdl_sjit_kernel_t fdl_sjit_lookup(int ta, int tb, int M, int N, int K, in
                                          lda, ldb, beta, ldc);   /* 101 row-major, 111/112 (no)trans */
                 memcpy(e->key, key, sizeof key);
                 e->jitter = j;
-                e->kern = (st != 2 && j) ? (fdl_sjit_kernel_t)fdl_jit_get(j) : 0;   /* 2: MKL_JIT_ERROR */
+                /* Only MKL_JIT_SUCCESS (0) gives a JIT kernel. MKL_NO_JIT (1: e.g. every product on
+                   AMD CPUs) gives a pointer to MKL's standard sgemm, which runs even a 32x64x128
+                   product on every thread (a thread wake-up per GEMM): such shapes take the plain
+                   path below, single-threaded. */
+                e->kern = (st == 0 && j) ? (fdl_sjit_kernel_t)fdl_jit_get(j) : 0;
                 __atomic_store_n(&e->ready, 1, __ATOMIC_RELEASE);
             }
             __atomic_store_n(&fdl_jit_lock, 0, __ATOMIC_RELEASE);
