@@ -70,7 +70,10 @@ def fit(model: "Sequential", X, y, *, optimizer: Optimizer | None = None, epochs
         If ``checkpoint`` exists, load it (callback states included) and
         continue from the epoch after the one it saved; the result is
         bit-identical to an uninterrupted run (same seed, backend and thread
-        count). A finished checkpoint returns at once with its final state.
+        count). A finished checkpoint (early stop or last epoch) returns at
+        once with its final state, whatever ``epochs`` says (to train further,
+        call ``fit`` without ``resume``; ``initial_epoch`` continues the
+        schedule and the shuffle order).
     distributed : bool or fastdl.distributed.Communicator
         Data-parallel training over MPI (run under ``mpiexec -n N``; see
         :mod:`fastdl.distributed`). ``True`` uses all ranks of the job. Rank
@@ -116,11 +119,9 @@ def fit(model: "Sequential", X, y, *, optimizer: Optimizer | None = None, epochs
         verbose, checkpoint = 0, None  # rank 0 prints and checkpoints
     model.history, model.stop_training = history, False
     if resumed is not None and resumed.finished:  # the run ended: its final state, no more training
-        if epochs > resumed.next_epoch:
-            warnings.warn(f"checkpoint {checkpoint} is of a finished run (it ended before epoch "
-                          f"{resumed.next_epoch + 1}); returning its final state without training. To train "
-                          "further, call fit without resume=True (initial_epoch= continues the schedule).",
-                          RuntimeWarning, stacklevel=3)
+        if verbose:
+            print(f"checkpoint {checkpoint}: the run had finished after {resumed.next_epoch} epochs; "
+                  "returning its final state (to train further: fit without resume=True)", flush=True)
         restore_callback_states(user, resumed.callback_states, f"checkpoint {checkpoint}")
         return history
     runner = make_runner(s, fused)
