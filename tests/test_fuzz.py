@@ -195,7 +195,7 @@ def _values(rng, kind, shape, dtype, dims):
 _SCALARS = {"act": 1, "precision": 0, "keep_prob": 0.7, "seed": 3, "step": 5, "layer": 1, "eps": 1e-5,
             "momentum": 0.9, "l2_over_m": 0.01, "lr": 0.01, "beta": 0.9, "beta1": 0.9, "beta2": 0.999,
             "c1": 0.01, "c2": 1.001, "mu": 0.9, "t": 1, "bias_correction": True, "nesterov": True}
-_BAD_SCALARS = {"act": 9, "precision": 3, "keep_prob": 0.0, "seed": -1, "step": 2 ** 64, "layer": 1.5,
+_BAD_SCALARS = {"act": 9, "precision": 3, "keep_prob": 0.0, "seed": 1.0, "step": "5", "layer": 1.5,
                 "bias_correction": 1, "nesterov": "yes"}
 _POSITIVE = {"running_var", "inv_std", "s"}   # kept positive so well-formed calls stay finite
 

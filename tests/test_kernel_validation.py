@@ -172,7 +172,11 @@ def test_scalars(K) -> None:
     mask = np.zeros((2, 3), np.uint8)
     _refused(K.dropout_forward, Z, 0.0, 1, 2, 3, mask, out, match=r"'keep_prob' must be in \(0, 1\]")
     _refused(K.dropout_forward, Z, 1.5, 1, 2, 3, mask, out, match=r"'keep_prob' must be in \(0, 1\]")
-    _refused(K.dropout_forward, Z, 0.5, -1, 2, 3, mask, out, match=r"'seed' must be an integer in \[0, 2\*\*64\)")
+    _refused(K.dropout_forward, Z, 0.5, 1.0, 2, 3, mask, out, match="'seed' must be an integer, got float")
+    K.dropout_forward(Z, 0.5, -1, 2, 3, mask, out)     # any integer: the generator works modulo 2**64
+    m2, o2 = np.empty_like(mask), np.empty_like(out)
+    reference.dropout_forward(Z, 0.5, -1, 2, 3, m2, o2)
+    np.testing.assert_array_equal(mask, m2)
     _refused(K.sgd_step, np.ones(3), np.ones(3), "0.1", match="'lr' must be a real number, got str")
     _refused(K.nesterov_step, np.ones(3), np.ones(3), np.zeros(3), 0.9, 0.1, 1, match="'nesterov' must be a bool")
     K.sgd_step(p := np.ones(3), np.ones(3), np.float32(0.5))       # NumPy scalars are converted

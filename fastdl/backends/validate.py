@@ -26,7 +26,8 @@ The rule (docs/spec.md, "Kernel contract"; issue 14 item 3)
   overlap is refused (the kernels would read values they have already
   overwritten).
 * Scalars: activation codes 0-3, ``precision`` 0 or 1, ``keep_prob`` in
-  (0, 1], dropout ``seed``/``step``/``layer`` integers in [0, 2**64).
+  (0, 1], dropout ``seed``/``step``/``layer`` integers (any sign: the
+  generator works modulo 2**64), ``t`` a non-negative integer.
 * Conversion: only scalars are converted (NumPy scalars to Python ``int`` /
   ``float`` / ``bool``). Arrays are never copied or converted: a wrong array
   is a :class:`KernelArgumentError` naming the argument and what to do. There
@@ -57,6 +58,7 @@ PRECISION = "precision code"
 REAL = "real"
 PROB = "probability"
 UINT = "unsigned integer"
+INT = "integer"                # any Python/NumPy integer (the dropout counters work modulo 2**64)
 BOOL = "bool"
 
 _ARRAY_KINDS = {F_IN, F_OUT, F_INOUT, LABELS, MASK_OUT, MASK_IN, WEIGHTS}
@@ -126,8 +128,8 @@ SPECS: dict[str, dict[str, tuple]] = {
                     "dZ": _a(F_OUT, "m", "one", optional=True), "w": _a(WEIGHTS, "m", optional=True)},
     "mse": {"Yhat": _a(F_IN, "m", "k"), "Y": _a(F_IN, "m", "k"), "dZ": _a(F_OUT, "m", "k", optional=True),
             "w": _a(WEIGHTS, "m", optional=True)},
-    "dropout_forward": {"A": _a(F_IN, "m", "n"), "keep_prob": _a(PROB), "seed": _a(UINT),
-                        "step": _a(UINT), "layer": _a(UINT), "mask": _a(MASK_OUT, "m", "n"),
+    "dropout_forward": {"A": _a(F_IN, "m", "n"), "keep_prob": _a(PROB), "seed": _a(INT),
+                        "step": _a(INT), "layer": _a(INT), "mask": _a(MASK_OUT, "m", "n"),
                         "out": _a(F_OUT, "m", "n")},
     "dropout_backward": {"dout": _a(F_IN, "m", "n"), "mask": _a(MASK_IN, "m", "n"), "keep_prob": _a(PROB),
                          "dA": _a(F_OUT, "m", "n")},
@@ -167,7 +169,7 @@ def _check_scalar(kernel: str, a: _Arg, v: Any) -> Any:
         if isinstance(v, (bool, np.bool_)):
             return bool(v)
         raise _fail(kernel, f"'{a.name}' must be a bool, got {type(v).__name__} {v!r}")
-    if k in (ACT, PRECISION, UINT):
+    if k in (ACT, PRECISION, UINT, INT):
         if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Integral):
             raise _fail(kernel, f"'{a.name}' must be an integer, got {type(v).__name__} {v!r}")
         v = int(v)
