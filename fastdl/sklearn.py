@@ -49,7 +49,6 @@ try:
     from sklearn.model_selection import train_test_split
     from sklearn.preprocessing import LabelBinarizer
     from sklearn.utils import check_random_state, gen_batches
-    from sklearn.utils import shuffle as sk_shuffle
     from sklearn.utils.multiclass import check_classification_targets, type_of_target, unique_labels
     from sklearn.utils.validation import check_is_fitted, column_or_1d, validate_data
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
@@ -576,27 +575,46 @@ class _BaseMLP(BaseEstimator):
                 raise NotImplementedError("sample_weight needs fastdl's weighted losses (in progress)")
             sw_train = None
         lr_rule = self.learning_rate if self.solver in ("sgd", "rmsprop") else "constant"
+        runner = self._epoch_runner(model, opt, X_train, bs)
         self.n_iter_ = 0
         try:
             for _ in range(self.max_iter):
                 if self.shuffle:
-                    idx = sk_shuffle(idx, random_state=self._random_state)
-                acc = 0.0
-                for sl in gen_batches(n, bs):
-                    rows = idx[sl] if self.shuffle else sl
-                    xb = _rows(X_train, rows, model.dtype)
-                    yb = t_train[rows]
-                    kw = {}
-                    if sw_train is not None:
-                        kw["weights"] = np.ascontiguousarray(sw_train[rows])
-                    data_loss, l2_term, _ = model._loss_and_grads(xb, yb, dropout=True, n_total=n,
-                                                                  step=model.step_count, **kw)
-                    J = data_loss + l2_term
-                    if not math.isfinite(J) and not early:
+                    # = sklearn.utils.shuffle(idx, random_state=rs) (same draws), without its ~0.5 ms of checks
+                    p = np.arange(n)
+                    self._random_state.shuffle(p)
+                    idx = idx[p]
+                diverged = False
+                if runner is not None:
+                    acc, diverged = runner(idx if self.shuffle else np.arange(n), X_train, t_train, sw_train)
+                else:
+                    acc = 0.0
+                    for sl in gen_batches(n, bs):
+                        rows = idx[sl] if self.shuffle else sl
+                        xb = _rows(X_train, rows, model.dtype)
+                        yb = t_train[rows]
+                        kw = {}
+                        if sw_train is not None:
+                            kw["weights"] = np.ascontiguousarray(sw_train[rows])
+                        data_loss, l2_term, _ = model._loss_and_grads(xb, yb, dropout=True, n_total=n,
+                                                                      step=model.step_count, **kw)
+                        J = data_loss + l2_term
+                        if not math.isfinite(J):
+                            diverged = True
+                            break
+                        opt.step(model.params, model.grads, lr=opt.lr)
+                        model.step_count += 1
+                        acc += J * (sl.stop - sl.start)
+                if diverged:
+                    # scikit-learn keeps iterating on NaN; nothing can recover, so stop here: with
+                    # early stopping the best epoch's parameters are restored below, else ValueError
+                    if not early:
                         raise _Diverged
-                    opt.step(model.params, model.grads, lr=opt.lr)
-                    model.step_count += 1
-                    acc += J * (sl.stop - sl.start)
+                    self.n_iter_ += 1
+                    self.loss_ = np.nan
+                    self.loss_curve_.append(np.nan)
+                    self.validation_scores_.append(np.nan)
+                    break
                 self.n_iter_ += 1
                 self.loss_ = acc / n
                 self.t_ += n
@@ -629,12 +647,63 @@ class _BaseMLP(BaseEstimator):
                     warnings.warn("Stochastic Optimizer: Maximum iterations (%d) reached and the optimization "
                                   "hasn't converged yet." % self.max_iter, ConvergenceWarning)
         except _Diverged:
+            if early:  # pragma: no cover - handled in the loop
+                model.params[...] = self._best_params
             raise ValueError(NONFINITE_MSG) from None
         except KeyboardInterrupt:
             warnings.warn("Training interrupted by user.")
         if early:
             model.params[...] = self._best_params
             model.state[...] = self._best_state
+
+    #: run dense epochs through the backend's compiled epoch executor when it has one (tests switch it off
+    #: to compare with the per-step path)
+    _use_epoch_executor = True
+
+    def _epoch_runner(self, model, opt, X_train, bs):
+        """A function running one epoch in one compiled call (``backend.epoch_executor``), or None.
+
+        Same batches, order and updates as the per-step loop (the executors are tested bit-identical to
+        their backend's per-layer path); sparse input and optimisers without a plan spec use the loop.
+        """
+        if not self._use_epoch_executor or sp.issparse(X_train):
+            return None
+        spec_fn, ensure = getattr(opt, "spec", None), getattr(opt, "ensure_state", None)
+        get_ex = getattr(model.kernels, "epoch_executor", None)
+        if spec_fn is None or ensure is None or get_ex is None or isinstance(opt, _ScikitSGD):
+            return None
+        from .plan import step_coefficients
+
+        try:
+            ex = get_ex(model.plan, bs, spec_fn())
+        except (NotImplementedError, ValueError, TypeError):
+            return None
+        if ex is None:
+            return None
+        n = X_train.shape[0]
+        n_steps = -(-n // bs)
+        rows = np.array([min(bs, n - i * bs) for i in range(n_steps)], np.float64)
+        costs, losses = np.empty(n_steps), np.empty(n_steps)
+        empty = np.empty(0, np.float64)
+
+        def run(perm, X, t, sw):
+            spec = spec_fn()
+            arrays = dict(zip(spec.state_names, ensure(model.params)))
+            v = arrays.get("v", model.params[:0])
+            s = arrays.get("s", model.params[:0])
+            c1, c2 = step_coefficients(spec, np.full(n_steps, float(opt.lr)), opt.t)
+            done, _, status = ex.run_epoch(X, t, empty if sw is None else np.ascontiguousarray(sw, np.float64),
+                                           np.ascontiguousarray(perm, np.int64),
+                                           model.params, model.grads, model.state, v, s, c1, c2,
+                                           model.step_count, model.seed, n, costs, losses)
+            opt.t += done
+            model.step_count += done
+            if status != 0:
+                return math.nan, True
+            # the per-step loop's left-to-right float sum of J * rows
+            return float(np.add.accumulate(costs * rows)[-1]), False
+
+        return run
 
     def _fit_lbfgs(self, X, targets, sw) -> None:
         """Full-batch L-BFGS (scipy) over the flat parameters; dropout off, BatchNorm statistics frozen."""

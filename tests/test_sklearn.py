@@ -268,3 +268,24 @@ def test_bad_parameters_are_named():
         MLPRegressor(loss="poisson").fit(X, y.astype(float))
     with pytest.raises(ValueError, match="hidden_layer_sizes"):
         MLPClassifier(hidden_layer_sizes=(0,)).fit(X, y)
+
+
+@pytest.mark.parametrize("solver", ["adam", "sgd", "rmsprop"])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_epoch_executor_path_equals_per_step_path(solver, weighted, monkeypatch):
+    """Dense epochs run in one compiled call when the backend has an epoch executor: same numbers."""
+    from fastdl.sklearn import _BaseMLP
+
+    X, y = _digits()
+    sw = np.random.RandomState(0).uniform(0.2, 2.0, len(y)) if weighted else None
+    fits = []
+    for use in (True, False):
+        monkeypatch.setattr(_BaseMLP, "_use_epoch_executor", use)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            fits.append(MLPClassifier(hidden_layer_sizes=(24,), solver=solver, max_iter=4, batch_size=50,
+                                      random_state=0, backend="cython").fit(X, y, sample_weight=sw))
+    a, b = fits
+    np.testing.assert_allclose(a.loss_curve_, b.loss_curve_, rtol=1e-12)
+    np.testing.assert_allclose(a.model_.params, b.model_.params, rtol=0, atol=1e-12)
+    assert a.optimizer_.t == b.optimizer_.t == 4 * 8
