@@ -93,8 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--save", default=None, metavar="PATH",
                    help="write the trained model (and its standardizer) here")
     t.add_argument("--export-onnx", default=None, metavar="PATH",
-                   help="write the trained model's inference graph as ONNX here, e.g. model.onnx (float32, "
-                   "outputs logits and probabilities; needs pip install 'fastdl[onnx]')")
+                   help="write the trained model's inference graph as ONNX here, e.g. model.onnx (float32; takes raw "
+                   "features, outputs logits and probabilities; needs pip install 'fastdl[onnx]')")
     t.add_argument("--verbose", type=int, default=1, choices=[0, 1, 2],
                    help="0 quiet, 1 progress bar, 2 one line per epoch")
     t.add_argument("--distributed", action="store_true",
@@ -206,9 +206,9 @@ def train(args) -> int:
         save_model(model, args.save, optimizer=opt, metadata={"standardizer": scaler.to_dict()})
         print(f"saved model to {args.save}")
     if args.export_onnx and (comm is None or comm.rank == 0):
-        model.to_onnx(args.export_onnx)
-        print(f"exported the inference graph to {args.export_onnx} (ONNX; inputs standardised as by the "
-              f"saved standardizer: (X - mean) / sqrt(var + eps))")
+        model.to_onnx(args.export_onnx, standardizer=scaler)
+        print(f"exported the inference graph to {args.export_onnx} (ONNX; input: raw features, the "
+              f"standardisation is part of the graph)")
     print(f"total time {time.perf_counter() - t_start:.2f} s")
     return 0
 

@@ -285,11 +285,13 @@ class Sequential:
 
         save_model(self, path, optimizer=optimizer)
 
-    def to_onnx(self, path, opset: int = 17, *, fold_batchnorm: bool = True) -> None:
-        """Write the inference graph as ONNX (float32, dynamic batch), atomically; see :mod:`fastdl.onnx`."""
+    def to_onnx(self, path, opset: int = 17, *, fold_batchnorm: bool = True, standardizer=None) -> None:
+        """Write the inference graph as ONNX (float32, dynamic batch), atomically; see :mod:`fastdl.onnx`.
+
+        ``standardizer``: put the input standardisation in the graph (it then takes raw features)."""
         from .onnx import export
 
-        export(self, path, opset=opset, fold_batchnorm=fold_batchnorm)
+        export(self, path, opset=opset, fold_batchnorm=fold_batchnorm, standardizer=standardizer)
 
     # ------------------------------------------------------------- utilities
     def get_config(self) -> dict[str, Any]:

@@ -12,7 +12,10 @@ The exported graph is the model in inference mode:
   ``Identity`` and ``Dropout`` (the identity at inference) -> nothing.
 
 Inputs: ``input``, float32, shape ``(batch, n_features)`` with a dynamic
-batch dimension. Outputs: ``logits`` (the last layer's raw outputs) and
+batch dimension. With ``standardizer=`` (a fitted :class:`fastdl.data.Standardizer`
+or any per-feature affine scaler, e.g. scikit-learn's ``StandardScaler``)
+the graph starts with ``Mul`` + ``Add`` applying it, so ``input`` takes raw
+features; otherwise ``input`` takes what ``predict`` takes. Outputs: ``logits`` (the last layer's raw outputs) and
 ``probabilities`` (``Softmax`` for softmax cross-entropy, ``(batch, 2)``
 ``[1 - p, p]`` for binary cross-entropy, like ``predict_proba``); an MSE
 model has the single output ``outputs``. Weights are float32 whatever
@@ -72,8 +75,28 @@ def _f32(name: str, a: np.ndarray) -> np.ndarray:
     return out
 
 
+def _affine_of(standardizer: Any, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(scale, shift) with ``standardizer.transform(X) == X * scale + shift`` per feature, checked."""
+    if not hasattr(standardizer, "transform"):
+        raise TypeError(f"standardizer must have a transform method (a fitted Standardizer), "
+                        f"got {type(standardizer).__name__}")
+    probe = np.array([np.zeros(n), np.ones(n), np.full(n, 3.0)])
+    try:
+        out = np.asarray(standardizer.transform(probe), dtype=np.float64)
+    except ValueError as exc:
+        raise ValueError(f"the standardizer does not fit this model's {n} inputs: {exc}") from None
+    if out.shape != (3, n):
+        raise ValueError(f"standardizer.transform maps {n} features to shape {out.shape[1:]}: it does not fit "
+                         f"this model's {n} inputs")
+    shift, scale = out[0], out[1] - out[0]
+    if not np.allclose(out[2], 3.0 * scale + shift, rtol=1e-6, atol=1e-9 * (1 + np.abs(out).max())):
+        raise ValueError("standardizer is not a per-feature affine map (x * scale + shift): it cannot be "
+                         "expressed in the ONNX graph; apply it before calling the exported model")
+    return scale, shift
+
+
 def to_model_proto(model: Any, *, opset: int = DEFAULT_OPSET, fold_batchnorm: bool = True,
-                   doc_string: str | None = None) -> Any:
+                   standardizer: Any = None, doc_string: str | None = None) -> Any:
     """Build the ONNX ``ModelProto`` of ``model``'s inference graph (see the module docs).
 
     Raises ``ValueError`` (or ``TypeError`` for a foreign layer type) naming
@@ -100,6 +123,8 @@ def to_model_proto(model: Any, *, opset: int = DEFAULT_OPSET, fold_batchnorm: bo
 
     x = INPUT_NAME
     n_nodes = 0
+    if standardizer is not None:
+        scale, shift = _affine_of(standardizer, int(model.n_features))
 
     def node(op: str, inputs: list[str], tag: str, **attrs: Any) -> str:
         nonlocal n_nodes
@@ -108,6 +133,9 @@ def to_model_proto(model: Any, *, opset: int = DEFAULT_OPSET, fold_batchnorm: bo
         nodes.append(helper.make_node(op, inputs, [out], name=tag, **attrs))
         return out
 
+    if standardizer is not None:
+        x = node("Mul", [x, const("standardizer.scale", _f32("standardizer scale", scale[None, :]))], "standardize_mul")
+        x = node("Add", [x, const("standardizer.shift", _f32("standardizer shift", shift[None, :]))], "standardize_add")
     layers = list(model.layers)
     acts = {ReLU: "Relu", Tanh: "Tanh", Sigmoid: "Sigmoid"}
     i = 0
@@ -184,6 +212,8 @@ def to_model_proto(model: Any, *, opset: int = DEFAULT_OPSET, fold_batchnorm: bo
                               doc_string=doc_string or f"fastdl Sequential, loss={loss}, exported for inference")
     proto.ir_version = _ir_version(onnx, opset)
     meta = {"loss": loss, "trained_dtype": model.dtype.name,
+            "input": "raw features (standardised in the graph)" if standardizer is not None
+            else "standardised features (as passed to predict)",
             "trained_precision": str(getattr(model, "precision", "fp32"))}
     for k, v in meta.items():
         entry = proto.metadata_props.add()
@@ -192,13 +222,16 @@ def to_model_proto(model: Any, *, opset: int = DEFAULT_OPSET, fold_batchnorm: bo
     return proto
 
 
-def export(model: Any, path: "str | os.PathLike", *, opset: int = DEFAULT_OPSET, fold_batchnorm: bool = True) -> None:
+def export(model: Any, path: "str | os.PathLike", *, opset: int = DEFAULT_OPSET, fold_batchnorm: bool = True,
+           standardizer: Any = None) -> None:
     """Write ``model``'s inference graph to ``path`` as ONNX, atomically (see the module docs).
 
     ``opset``: the ONNX operator set version (``MIN_OPSET`` to what the
     installed onnx knows; default 17, read by onnxruntime >= 1.13).
+    ``standardizer``: fold the input standardisation into the graph, so
+    the exported model takes raw features.
     """
-    proto = to_model_proto(model, opset=opset, fold_batchnorm=fold_batchnorm)
+    proto = to_model_proto(model, opset=opset, fold_batchnorm=fold_batchnorm, standardizer=standardizer)
     data = proto.SerializeToString()
     from ._atomic import atomic_write
 
