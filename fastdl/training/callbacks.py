@@ -333,7 +333,8 @@ def restore_callback_states(callbacks: Iterable[Callback], saved: list[dict[str,
             return ", ".join(f"[{p}] {n}" + (f" (callbacks[{idx[p]}])" if idx else "")
                              for p, n in enumerate(names)) or "none"
         raise ValueError(
-            f"{source} holds the state of the stateful callbacks {fmt(want)}, but this fit got {fmt(have, [i for i, _ in stateful])}"
+            f"{source} holds the state of the stateful callbacks {fmt(want)}, but this fit got "
+            f"{fmt(have, [i for i, _ in stateful])}"
             " (matched by position among the stateful callbacks and by type); pass the same stateful "
             "callbacks in the same order to resume, or start without resume=True")
     for (i, cb), d in zip(stateful, sorted(saved, key=lambda d: d.get("position", 0))):
@@ -418,53 +419,18 @@ class CallbackList:
 
 
 # ------------------------------------------------------------------------------ checkpoint calls
-def _new_checkpoint_api() -> bool:
-    import inspect
-
-    from .. import checkpoint as ck
-
-    return "callback_states" in inspect.signature(ck.save_checkpoint).parameters
-
-
 def save_training_state(path, model, optimizer, history, *, next_epoch: int, run_info: dict,
                         callback_states: list[dict], finished: bool, schedule_state: dict | None) -> None:
     """``fastdl.checkpoint.save_checkpoint`` with the callback states."""
-    from .. import checkpoint as ck
+    from ..checkpoint import save_checkpoint
 
-    if _new_checkpoint_api():
-        ck.save_checkpoint(path, model, optimizer, history, next_epoch=next_epoch, run_info=run_info,
-                           callback_states=callback_states, finished=finished, schedule_state=schedule_state)
-        return
-    # TEMPORARY SHIM (P2) until helper R's save_checkpoint(callback_states=, finished=) lands:
-    # the callback states go into the metadata JSON (arrays as exact float lists)
-    from ..io import save_model
-
-    def arr(a):
-        a = np.asarray(a)
-        return {"dtype": a.dtype.str, "shape": list(a.shape), "data": a.ravel().tolist()}
-
-    cbs = [{**d, "arrays": {k: arr(a) for k, a in d["arrays"].items()}} for d in callback_states]
-    meta = {"checkpoint": {"next_epoch": next_epoch, "run": run_info, "history": history.history,
-                           "epochs": history.epoch, "batch_cost": history.batch_cost, "norms": history.norms,
-                           "callbacks": cbs, "finished": bool(finished), "schedule": schedule_state}}
-    save_model(model, path, optimizer=optimizer, metadata=meta)
+    save_checkpoint(path, model, optimizer, history, next_epoch=next_epoch, run_info=run_info,
+                    callback_states=callback_states, finished=finished, schedule_state=schedule_state)
 
 
 def load_training_state(path, model, optimizer, history, run_info: dict):
     """``fastdl.checkpoint.load_checkpoint``: a ``ResumeInfo`` (next_epoch, callback_states, finished,
     schedule_state)."""
-    from .. import checkpoint as ck
+    from ..checkpoint import load_checkpoint
 
-    if _new_checkpoint_api():
-        return ck.load_checkpoint(path, model, optimizer, history, run_info)
-    # TEMPORARY SHIM (P2): see save_training_state
-    from types import SimpleNamespace
-
-    from ..io import load_metadata
-
-    next_epoch = ck.load_checkpoint(path, model, optimizer, history, run_info)
-    meta = load_metadata(path)["checkpoint"]
-    cbs = [{**d, "arrays": {k: np.array(a["data"], np.dtype(a["dtype"])).reshape(a["shape"])
-                            for k, a in d["arrays"].items()}} for d in meta.get("callbacks", [])]
-    return SimpleNamespace(next_epoch=next_epoch, callback_states=cbs, finished=bool(meta.get("finished")),
-                           schedule_state=meta.get("schedule"))
+    return load_checkpoint(path, model, optimizer, history, run_info)

@@ -30,8 +30,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
-from ..plan import OPT_ADAM, OPT_MOMENTUM, OPT_RMSPROP, OPT_SGD, H_BETA1, H_BETA2, H_EPS, OptimizerSpec
-from ..plan import compile_plan, step_coefficients
+from ..plan import OptimizerSpec, step_coefficients
 from .history import TrainingDiverged
 
 if TYPE_CHECKING:
@@ -80,30 +79,8 @@ def batch_spans(m: int, batch_size: int) -> list[tuple[int, int]]:
 
 
 def optimizer_spec(optimizer: "Optimizer") -> OptimizerSpec:
-    """``optimizer.spec()``."""
-    spec = getattr(optimizer, "spec", None)
-    if spec is not None:
-        return spec()
-    # TEMPORARY SHIM (P2, until P1 lands Optimizer.spec()): the four classic optimisers as data
-    from ..optim import SGD, Adam, Momentum, RMSprop
-
-    if type(optimizer) is Adam:
-        return OptimizerSpec(OPT_ADAM, (optimizer.beta1, optimizer.beta2, optimizer.eps))
-    if type(optimizer) is Momentum:
-        return OptimizerSpec(OPT_MOMENTUM, (optimizer.beta, 0.0, 0.0), optimizer.bias_correction)
-    if type(optimizer) is RMSprop:
-        hyper = [0.0, 0.0, 0.0]
-        hyper[H_BETA2], hyper[H_EPS] = optimizer.beta2, optimizer.eps
-        return OptimizerSpec(OPT_RMSPROP, tuple(hyper))
-    if type(optimizer) is SGD:
-        return OptimizerSpec(OPT_SGD)
-    raise TypeError(f"{type(optimizer).__name__} has no spec(): the fused executors need one")
-
-
-def model_plan(model: "Sequential"):
-    """``model.plan`` (compiled once by the model)."""
-    plan = getattr(model, "plan", None)
-    return plan if plan is not None else compile_plan(model)  # TEMPORARY SHIM (P2) until P1 lands model.plan
+    """``optimizer.spec()``: the optimiser as data, for the epoch executors."""
+    return optimizer.spec()
 
 
 class _Snapshot:
@@ -394,29 +371,6 @@ class AugmentRunner(_ExecutorRunner):
         return self._result(perm, self.costs, self.losses, n_wrong, float(lrs[-1]))
 
 
-class _LegacyFusedRunner(FusedRunner):
-    """TEMPORARY SHIM (P2): the old ``numba_backend.FusedEpoch`` until helper N's ``epoch_executor`` lands."""
-
-    def _call_legacy(self, perm, lrs):
-        costs, losses, wrong, diverged = self.ex.run(self.s.X, self.s.y, perm, lrs)
-        return costs, losses, wrong, diverged
-
-    def compile(self, verbose: int = 0) -> float:
-        return 0.0
-
-    def run_epoch(self, epoch, perm, on_batch):
-        snap = _Snapshot(self.s.model, self.s.optimizer)
-        lrs = self.s.schedule.rates(self.s.optimizer.lr, epoch, self.s.optimizer.t + 1, len(self.spans))
-        costs, losses, wrong, diverged = self._call_legacy(perm, lrs)
-        if diverged:
-            self._diverged(snap, epoch, len(costs), "the cost or gradients became NaN or infinite",
-                           float(lrs[len(costs) - 1]))
-        self._check_end(snap, epoch, float(lrs[-1]))
-        if on_batch is not None:
-            on_batch(len(self.spans) - 1, costs)
-        return self._result(perm, np.asarray(costs, np.float64), losses, wrong, float(lrs[-1]))
-
-
 def augmented(augment, xb: np.ndarray, seed: int, step: int, dtype) -> np.ndarray:
     """``augment(xb, rng)`` with ``rng`` keyed by (seed, step): reproducible, resumable."""
     rng = np.random.default_rng([seed, step, 0xA06])
@@ -431,30 +385,13 @@ def _executor(setup: Setup):
     """``(executor, None)`` or ``(None, why there is none)``."""
     model = setup.model
     K = model.kernels
-    factory = getattr(K, "epoch_executor", None)
-    if factory is not None:
-        try:
-            ex = factory(model_plan(model), setup.batch_size, optimizer_spec(setup.optimizer))
-        except ImportError as exc:  # an executor whose compiled module is not built/installed
-            return None, f"the epoch executor of backend {K.name!r} is not available ({exc})"
-        if ex is not None:
-            return ex, None
-        return None, f"backend {K.name!r} has no compiled epoch executor"
-    # TEMPORARY SHIM (P2): before helpers N/C land backend.epoch_executor, the old numba FusedEpoch
-    if model.backend_name != "numba":
-        return None, f"backend {model.backend_name!r} (the fused epoch runs the numba kernels)"
-    if setup.augment is not None:
-        return None, "augment= needs a Python call per mini-batch"
-    if setup.w is not None:
-        return None, "sample_weight"
     try:
-        from ..backends import numba_backend as legacy
-    except ImportError as exc:
-        return None, f"numba is not available ({exc})"
-    reason = legacy.supports(model, setup.optimizer)
-    if reason is not None:
-        return None, reason
-    return ("legacy", legacy.FusedEpoch(model, setup.optimizer, setup.batch_size, setup.X.shape[1])), None
+        ex = K.epoch_executor(model.plan, setup.batch_size, optimizer_spec(setup.optimizer))
+    except ImportError as exc:  # an executor whose compiled module is not built/installed
+        return None, f"the epoch executor of backend {K.name!r} is not available ({exc})"
+    if ex is None:
+        return None, f"backend {K.name!r} has no compiled epoch executor"
+    return ex, None
 
 
 def make_runner(setup: Setup, fused: "bool | str") -> Runner:
@@ -473,6 +410,4 @@ def make_runner(setup: Setup, fused: "bool | str") -> Runner:
         if fused is True:
             raise ValueError(f"fused=True but the fused epoch cannot train this model: {reason}")
         return PerLayerRunner(setup)
-    if isinstance(ex, tuple):  # TEMPORARY SHIM (P2): legacy FusedEpoch
-        return _LegacyFusedRunner(setup, ex[1])
     return AugmentRunner(setup, ex) if setup.augment is not None else FusedRunner(setup, ex)
