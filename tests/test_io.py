@@ -60,7 +60,7 @@ def test_round_trip(tmp_path, dtype):
     np.testing.assert_array_equal(loaded.predict_proba(X), model.predict_proba(X))
     np.testing.assert_array_equal(loaded.predict(X), model.predict(X))
     # activation fusion is rebuilt the same way
-    assert [type(op).__name__ for op in loaded._ops] == [type(op).__name__ for op in model._ops]
+    assert [(op.kind, op.act) for op in loaded.plan.ops] == [(op.kind, op.act) for op in model.plan.ops]
     # str paths work too, and the file is a plain npz without pickles
     save_model(model, str(tmp_path / "again.fdl"))
     arrays = raw_arrays(tmp_path / "again.fdl")
