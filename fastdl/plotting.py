@@ -73,6 +73,13 @@ def _epochs(values: Sequence[float]) -> np.ndarray:
     return np.arange(1, len(values) + 1)
 
 
+def _integer_x(ax: "Axes") -> None:
+    """Epochs and steps are whole numbers: no 2.5 or 7.5 ticks."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
 # --------------------------------------------------------------------- panels
 def _draw_cost(ax: "Axes", h: Mapping[str, list[float]]) -> None:
     if h.get("cost") and h.get("loss") and not np.allclose(h["cost"], h["loss"]):
@@ -85,6 +92,7 @@ def _draw_cost(ax: "Axes", h: Mapping[str, list[float]]) -> None:
         ax.plot(_epochs(h["val_loss"]), h["val_loss"], label="dev", color="C1")
     ax.set_title("cost per epoch")
     ax.set_xlabel("epoch")
+    _integer_x(ax)
     ax.set_ylabel("cost")
     if ax.lines:
         ax.legend(fontsize="small")
@@ -97,6 +105,7 @@ def _draw_error(ax: "Axes", h: Mapping[str, list[float]]) -> None:
         ax.plot(_epochs(h["val_error"]), h["val_error"], label="dev", color="C1")
     ax.set_title("error per epoch")
     ax.set_xlabel("epoch")
+    _integer_x(ax)
     ax.set_ylabel("error rate")
     if ax.lines:
         ax.legend(fontsize="small")
@@ -111,6 +120,7 @@ def _draw_batch_cost(ax: "Axes", batch_cost: Sequence[float], beta: float) -> No
         ax.legend(fontsize="small")
     ax.set_title("mini-batch cost")
     ax.set_xlabel("step (mini-batch)")
+    _integer_x(ax)
     ax.set_ylabel("J")
 
 
@@ -138,6 +148,7 @@ def _draw_lr(ax: "Axes", lr: Sequence[float]) -> None:
             ax.set_ylim(0, hi * 1.08)
     ax.set_title(title)
     ax.set_xlabel("epoch")
+    _integer_x(ax)
     ax.set_ylabel("alpha")
 
 
@@ -169,6 +180,7 @@ def _draw_norms(ax: "Axes", norms: Mapping[str, Mapping[str, list[float]]], kind
         ax.legend(fontsize="x-small")
     ax.set_title("gradient norm per layer" if kind == "grad" else "weight norm per layer")
     ax.set_xlabel("epoch")
+    _integer_x(ax)
     ax.set_ylabel("||dW||" if kind == "grad" else "||W||")
 
 
@@ -268,6 +280,7 @@ def plot_lr_schedule(schedules: Any, path: Any = None, *, lr: float = 0.01, epoc
         ax.plot(x, [sched(lr, int(e), int(t)) for e, t in zip(epoch_of, steps)], label=str(label), color=f"C{i}")
     ax.set_title("learning-rate schedule")
     ax.set_xlabel("epoch")
+    _integer_x(ax)
     ax.set_ylabel("alpha")
     ax.legend(fontsize="small")
     return _finish(fig, path)
@@ -285,8 +298,13 @@ def _log_ticks(axis: Any, lo: float, hi: float) -> None:
     axis.set_major_locator(LogLocator(base=10))
     axis.set_major_formatter(fmt)
     decades = math.log10(hi / lo) if lo > 0 and hi > 0 else 99.0
-    subs = tuple(range(2, 10)) if decades < 0.8 or decades >= 2.2 else (2.0, 5.0)  # < 1 decade: 2, 3 ... 9 too
-    axis.set_minor_locator(LogLocator(base=10, subs=subs))
+    if decades < 0.8:  # within one decade powers of ten may not even appear: evenly spaced round numbers
+        from matplotlib.ticker import MaxNLocator, NullLocator
+
+        axis.set_major_locator(MaxNLocator(nbins=5, steps=[1, 2, 2.5, 5, 10]))
+        axis.set_minor_locator(NullLocator())
+        return
+    axis.set_minor_locator(LogLocator(base=10, subs=(2.0, 5.0) if decades < 2.2 else tuple(range(2, 10))))
     axis.set_minor_formatter(fmt if decades < 2.2 else NullFormatter())
     if decades < 2.2:
         axis.set_tick_params(which="minor", labelsize="small")
