@@ -16,26 +16,6 @@ from .plan import (OPT_ADAM, OPT_CLASSICAL_MOMENTUM, OPT_MOMENTUM, OPT_NESTEROV,
                    OptimizerSpec, step_scalars)
 
 
-# TEMPORARY SHIM (P1, board 22:13): until the numba and cython backends port their optimiser
-# kernels to the new contract signatures (board 22:24: coefficients c1/c2 computed by the caller),
-# a kernel that still has the old signature is called the old way. Detected once per function.
-# Delete with _legacy_update once no backend has a kernel without a `c1` parameter.
-_NEW_SIGNATURE: dict[int, bool] = {}
-
-
-def _is_new(fn) -> bool:
-    new = _NEW_SIGNATURE.get(id(fn))
-    if new is None:
-        import inspect
-
-        try:
-            new = "c1" in inspect.signature(fn).parameters
-        except (TypeError, ValueError):  # no introspectable signature: assume the current contract
-            new = True
-        _NEW_SIGNATURE[id(fn)] = new
-    return new
-
-
 class Optimizer:
     """Base class: ``step(params, grads)`` updates ``params`` in place.
 
@@ -57,7 +37,11 @@ class Optimizer:
 
     def spec(self) -> OptimizerSpec:
         """The optimiser as data (kind + hyperparameters) for executors."""
-        return OptimizerSpec(self.kind, self._hyper(), self._bias_correction())
+        key = (self.kind, self._hyper(), self._bias_correction())
+        cached = self.__dict__.get("_spec")
+        if cached is None or cached[0] != key:  # rebuilt only when a hyperparameter was changed
+            cached = self._spec = (key, OptimizerSpec(*key))
+        return cached[1]
 
     def _hyper(self) -> tuple[float, float, float]:
         return (0.0, 0.0, 0.0)
@@ -70,6 +54,16 @@ class Optimizer:
         return get_backend(self.backend if self.backend is not None else "auto")
 
     def _ensure_state(self, params: np.ndarray, grads: np.ndarray) -> None:
+        # The training loop passes the same arrays every step: checked once, then only identities.
+        bound = self.__dict__.get("_bound")
+        if bound is not None and bound[0] is params and bound[1] is grads:
+            state = self.state
+            if all(state.get(name) is arr for name, arr in zip(self.state_names, bound[2])):
+                return
+        self._check_state(params, grads)
+        self._bound = (params, grads, tuple(self.state[name] for name in self.state_names))
+
+    def _check_state(self, params: np.ndarray, grads: np.ndarray) -> None:
         if not isinstance(params, np.ndarray) or params.ndim != 1 or not params.flags.c_contiguous:
             raise ValueError("params must be a flat, contiguous 1-D array (use model.params)")
         if grads.shape != params.shape or grads.dtype != params.dtype:
@@ -98,17 +92,18 @@ class Optimizer:
         """Forget the step count and moment estimates."""
         self.t = 0
         self.state = {}
+        self._bound = None
 
     def step(self, params: np.ndarray, grads: np.ndarray, lr: float | None = None) -> None:
         """Apply one update with learning rate ``lr`` (default ``self.lr``)."""
         self._ensure_state(params, grads)
-        lr = self.lr if lr is None else lr
-        c1, c2 = step_scalars(self.spec(), lr, self.t + 1)
-        self.t += 1
-        K = self._kernels().unchecked
-        self._update(K, params, grads, c1, c2, lr)
+        t = self.t + 1
+        c1, c2 = step_scalars(self.spec(), self.lr if lr is None else lr, t)
+        self.t = t
+        self._update(self._kernels().unchecked, params, grads, c1, c2)
 
-    def _update(self, K, params, grads, c1: float, c2: float, lr: float) -> None:
+    def _update(self, K, params, grads, c1: float, c2: float) -> None:
+        """One call of the optimiser's kernel with this step's coefficients."""
         raise NotImplementedError
 
     # -- serialisation ----------------------------------------------------
@@ -139,7 +134,7 @@ class SGD(Optimizer):
     def __init__(self, lr: float = 0.01, backend=None):
         super().__init__(lr, backend)
 
-    def _update(self, K, params, grads, c1, c2, lr):
+    def _update(self, K, params, grads, c1, c2):
         K.sgd_step(params, grads, c1)
 
 
@@ -169,11 +164,8 @@ class Momentum(Optimizer):
     def get_config(self):
         return {"lr": self.lr, "beta": self.beta, "bias_correction": self.bias_correction}
 
-    def _update(self, K, params, grads, c1, c2, lr):
-        if _is_new(K.momentum_step):
-            K.momentum_step(params, grads, self.state["v"], self.beta, c1)
-        else:  # TEMPORARY SHIM: old signature (see _is_new)
-            K.momentum_step(params, grads, self.state["v"], lr, self.beta, self.t, self.bias_correction)
+    def _update(self, K, params, grads, c1, c2):
+        K.momentum_step(params, grads, self.state["v"], self.beta, c1)
 
 
 class ClassicalMomentum(Optimizer):
@@ -210,7 +202,7 @@ class ClassicalMomentum(Optimizer):
     def get_config(self):
         return {"lr": self.lr, "momentum": self.momentum, "nesterov": self.nesterov}
 
-    def _update(self, K, params, grads, c1, c2, lr):
+    def _update(self, K, params, grads, c1, c2):
         K.nesterov_step(params, grads, self.state["v"], self.momentum, c1, self.nesterov)
 
 
@@ -231,7 +223,7 @@ class RMSprop(Optimizer):
     def get_config(self):
         return {"lr": self.lr, "beta2": self.beta2, "eps": self.eps}
 
-    def _update(self, K, params, grads, c1, c2, lr):
+    def _update(self, K, params, grads, c1, c2):
         K.rmsprop_step(params, grads, self.state["s"], c1, self.beta2, self.eps)
 
 
@@ -259,12 +251,8 @@ class Adam(Optimizer):
     def get_config(self):
         return {"lr": self.lr, "beta1": self.beta1, "beta2": self.beta2, "eps": self.eps}
 
-    def _update(self, K, params, grads, c1, c2, lr):
-        if _is_new(K.adam_step):
-            K.adam_step(params, grads, self.state["v"], self.state["s"], self.beta1, self.beta2, self.eps, c1, c2)
-        else:  # TEMPORARY SHIM: old signature (see _is_new)
-            K.adam_step(params, grads, self.state["v"], self.state["s"], lr, self.beta1, self.beta2, self.eps,
-                        self.t)
+    def _update(self, K, params, grads, c1, c2):
+        K.adam_step(params, grads, self.state["v"], self.state["s"], self.beta1, self.beta2, self.eps, c1, c2)
 
 
 OPTIMIZERS: dict[str, type[Optimizer]] = {"sgd": SGD, "momentum": Momentum, "rmsprop": RMSprop, "adam": Adam,

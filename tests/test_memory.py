@@ -36,7 +36,8 @@ def test_training_step_allocates_no_arrays(backend: str) -> None:
     opt = fd.Adam(backend=model.kernels)
 
     def step() -> float:
-        loss, l2, _ = model._loss_and_grads(X, y, dropout=True, n_total=None, step=model.step_count)
+        loss, l2, logits = model._loss_and_grads(X, y, dropout=True, n_total=None, step=model.step_count)
+        model.count_errors(logits, y)  # the runners' per-step error count
         opt.step(model.params, model.grads)
         model.step_count += 1
         return loss + l2
