@@ -639,3 +639,38 @@ def test_fuzzed_checkpoints(tmp_path_factory, files, data):
         checkpoint_info(path)
     except ModelFileError:
         pass
+
+
+def test_a_checkpoint_is_opened_and_read_once(tmp_path, files, monkeypatch):
+    """Issue 14.2: one open and one pass over the file, not one np.load per part."""
+    import builtins
+
+    import fastdl.io as fio
+
+    path = tmp_path / "c.ckpt"
+    path.write_bytes(files["ckpt"])
+    opened = []
+
+    def counting_open(file, *args, **kwargs):
+        opened.append(str(file))
+        return builtins.open(file, *args, **kwargs)
+
+    monkeypatch.setattr(fio, "open", counting_open, raising=False)
+    monkeypatch.setattr(np, "load", lambda *a, **k: pytest.fail("np.load decompresses whole members"))
+    info, model, _, _ = resume(path)
+    assert opened == [str(path)]
+    assert info.next_epoch == 2
+    names = {n for n, _ in members_of(files["ckpt"])}
+    reads = {}
+    real_open = zipfile.ZipFile.open
+
+    def counting_member_open(self, name, *args, **kwargs):
+        key = getattr(name, "filename", name)
+        reads[key] = reads.get(key, 0) + 1
+        return real_open(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(zipfile.ZipFile, "open", counting_member_open)
+    resume(path)
+    # each member is decompressed at most twice: once for its header check, once for its data
+    assert set(reads) == names
+    assert max(reads.values()) <= 2, reads
