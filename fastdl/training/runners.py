@@ -389,6 +389,8 @@ def _executor(setup: Setup):
         ex = K.epoch_executor(model.plan, setup.batch_size, optimizer_spec(setup.optimizer))
     except ImportError as exc:  # an executor whose compiled module is not built/installed
         return None, f"the epoch executor of backend {K.name!r} is not available ({exc})"
+    except NotImplementedError as exc:  # a plan feature this executor does not run yet
+        return None, f"the epoch executor of backend {K.name!r} cannot run this model ({exc})"
     if ex is None:
         return None, f"backend {K.name!r} has no compiled epoch executor"
     return ex, None
