@@ -156,9 +156,19 @@ class NoImprovementStopping(Callback):
         if self.triggered() and self.trigger():
             model.stop_training = True
 
+    def get_config(self) -> dict[str, Any]:
+        """The constructor arguments except the optimiser (JSON-able; saved with checkpoints)."""
+        n = self.n_iter_no_change
+        return {"monitor": self.monitor, "mode": self.mode, "tol": self.tol,
+                "n_iter_no_change": n if math.isfinite(n) else repr(float(n)), "adaptive": self.adaptive,
+                "factor": self.factor, "min_lr": self.min_lr}
+
     def state_dict(self) -> dict[str, Any]:
         """JSON-able values (count, best, stopped, learning rate); no arrays."""
-        values = {"no_improvement_count": self.no_improvement_count, "best": self.best, "stopped": self.stopped}
+        # JSON has no infinity: the initial best (+-inf) is stored as its repr, read back by float()
+        best = self.best if math.isfinite(self.best) else repr(float(self.best))
+        values = {"no_improvement_count": int(self.no_improvement_count), "best": best,
+                  "stopped": bool(self.stopped)}
         if self.optimizer is not None:
             values["lr"] = float(self.optimizer.lr)
         return {"values": values, "arrays": {}}

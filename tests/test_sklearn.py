@@ -289,3 +289,38 @@ def test_epoch_executor_path_equals_per_step_path(solver, weighted, monkeypatch)
     np.testing.assert_allclose(a.loss_curve_, b.loss_curve_, rtol=1e-12)
     np.testing.assert_allclose(a.model_.params, b.model_.params, rtol=0, atol=1e-12)
     assert a.optimizer_.t == b.optimizer_.t == 4 * 8
+
+
+def test_no_improvement_stopping_in_fastdl_fit_and_resume(tmp_path):
+    """The adaptive-rate callback works in fd.fit and resumes exactly after an interrupted run."""
+    import fastdl as fd
+
+    X, y = _digits()
+
+    class Crash(fd.Callback):
+        def __init__(self, at):
+            self.at = at
+
+        def on_epoch_end(self, model, epoch, logs):
+            if epoch == self.at:
+                raise KeyboardInterrupt("simulated kill")
+
+    def run(epochs, ckpt=None, crash_at=None, resume=False):
+        model = fd.Sequential([fd.Dense(64, 16), fd.ReLU(), fd.Dense(16, 10)], seed=0, dtype="float64")
+        opt = fd.SGD(lr=0.05)
+        cb = NoImprovementStopping(opt, tol=1e9, n_iter_no_change=1, adaptive=True)
+        kw = {"checkpoint": str(ckpt), "resume": resume} if ckpt is not None else {}
+        h = model.fit(X, y, optimizer=opt, epochs=epochs, batch_size=64, callbacks=[cb, Crash(crash_at)],
+                      verbose=0, **kw)
+        return model, opt, cb, h
+
+    model, opt, cb, h = run(6)
+    # tol=1e9: no improvement after the first epoch, so every second epoch divides the rate by 5
+    assert opt.lr == pytest.approx(0.05 / 5 ** 2)
+    assert h.history["lr"] == pytest.approx([0.05, 0.05, 0.05, 0.01, 0.01, 0.002])
+    ck = tmp_path / "run.ckpt"
+    with pytest.raises(KeyboardInterrupt):
+        run(6, ck, crash_at=4)         # killed during epoch 4: the checkpoint holds epochs 0-3
+    m2, opt2, cb2, _ = run(6, ck, resume=True)
+    np.testing.assert_array_equal(m2.params, model.params)
+    assert opt2.lr == opt.lr and cb2.no_improvement_count == cb.no_improvement_count and cb2.best == cb.best
