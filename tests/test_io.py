@@ -403,3 +403,16 @@ def test_bad_optimizer_state(tmp_path):
     rewrite(src, tmp_path / "t.npz", optimizer=np.array(json.dumps({"type": "Lion", "config": {}, "t": 1})))
     with pytest.raises(fd.ModelFileError, match="invalid optimizer state"):
         load_optimizer(tmp_path / "t.npz")
+
+
+def test_files_without_precision_load_as_fp32(tmp_path):
+    """Files written before mixed precision existed have no 'precision' in their config."""
+    model, opt, X, _ = trained_model()
+    model.save(tmp_path / "m.fdl")
+    cfg = json.loads(str(raw_arrays(tmp_path / "m.fdl")["config"]))
+    assert cfg.get("precision", "fp32") == "fp32"
+    cfg.pop("precision", None)
+    rewrite(tmp_path / "m.fdl", tmp_path / "old.npz", config=np.array(json.dumps(cfg)))
+    old = fd.load(tmp_path / "old.npz", backend=B)
+    assert old.get_config()["precision"] == "fp32"
+    np.testing.assert_array_equal(old.predict_proba(X), model.predict_proba(X))
