@@ -58,22 +58,47 @@ class SoftmaxCrossEntropy(Loss):
 
 
 class BinaryCrossEntropy(Loss):
+    """Sigmoid + binary cross-entropy on logits; ``k`` outputs are ``k`` independent labels (multilabel).
+
+    One output: targets ``(m,)`` in {0, 1}, ``proba`` ``(m, 2)``. ``k > 1``: targets
+    ``(m, k)`` in {0, 1}, a row's loss is the sum over its outputs (scikit-learn's
+    multilabel log-loss), ``proba`` ``(m, k)`` and a row counts as an error if any
+    of its labels is wrong (subset accuracy).
+    """
+
     name = "binary_cross_entropy"
     kernel = "sigmoid_bce"
 
     def check_output_dim(self, n_out):
-        if n_out != 1:
-            raise ValueError(f"binary_cross_entropy needs a last layer with 1 output, got {n_out}")
+        if n_out < 1:
+            raise ValueError(f"binary_cross_entropy needs a last layer with >= 1 outputs, got {n_out}")
 
     def prepare_targets(self, y, m, n_out, dtype):
-        return V.as_binary_labels(y, m, dtype)
+        if n_out == 1:
+            return V.as_binary_labels(y, m, dtype)
+        if hasattr(y, "to_numpy"):
+            y = y.to_numpy()
+        arr = np.asarray(y)
+        if arr.shape != (m, n_out):
+            raise ValueError(f"y must have shape ({m}, {n_out}) (one 0/1 column per output) for "
+                             f"binary_cross_entropy with {n_out} outputs, got {arr.shape}")
+        if arr.dtype == object or arr.dtype.kind not in "biuf":
+            raise TypeError(f"y must hold 0/1 numbers for binary_cross_entropy, got dtype {arr.dtype}")
+        if not np.isin(arr, (0, 1)).all():
+            raise ValueError("y must hold only 0 and 1 for binary cross-entropy; found values such as "
+                             f"{arr[~np.isin(arr, (0, 1))][:3].tolist()}")
+        return np.ascontiguousarray(arr, dtype=dtype)
 
     def proba(self, K, Z):
         p1 = np.empty_like(Z)
         K.activation_forward(Z, 3, p1)  # sigmoid
+        if Z.shape[1] > 1:
+            return p1  # (m, k): one probability per label
         return np.hstack([1 - p1, p1])  # (m, 2) like scikit-learn
 
     def predict_from_outputs(self, Z):
+        if Z.shape[1] > 1:
+            return (Z > 0).astype(np.int64)
         return (Z[:, 0] > 0).astype(np.int64)
 
 

@@ -445,6 +445,24 @@ def test_sigmoid_bce(bname, dtype, m, scale, want_grad):
 
 @backend_param
 @dtype_param
+@pytest.mark.parametrize("shape", [(1, 2), (7, 3), (130, 17)])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_sigmoid_bce_multilabel(bname, dtype, shape, weighted):
+    """k > 1 outputs (multilabel, (m, k) targets): per-row loss = sum over the k outputs."""
+    be = get_backend(bname)
+    rng = rng_for(12, shape)
+    Z = randn(rng, shape, dtype, scale=3.0)
+    y = rng.integers(0, 2, size=shape).astype(dtype)
+    extra = (rng.uniform(0, 2, shape[0]),) if weighted else ()
+    dz_r, dz_b = nan_like(Z), nan_like(Z)
+    l_r = reference.sigmoid_bce(Z, y, dz_r, *extra)
+    l_b = be.sigmoid_bce(Z, y, dz_b, *extra)
+    assert_loss_close(l_b, l_r, dtype)
+    assert_close(dz_b, dz_r, dtype)
+
+
+@backend_param
+@dtype_param
 @pytest.mark.parametrize("shape", [(1, 1), (1, 7), (7, 3), (33, 65), (130, 1)])
 @pytest.mark.parametrize("want_grad", [True, False])
 def test_mse(bname, dtype, shape, want_grad):

@@ -271,8 +271,34 @@ def test_predictions_binary():
     h = model.fit(X, y, optimizer=fd.Adam(0.05), epochs=30, batch_size=10)
     assert model.evaluate(X, y)["accuracy"] >= 0.9
     assert "error" in h.history
-    with pytest.raises(ValueError, match="1 output"):
-        mlp(k=2, loss="binary_cross_entropy")
+    # k outputs are k independent labels (multilabel): y must then be (m, k)
+    with pytest.raises(ValueError, match=r"shape \(30, 2\)"):
+        mlp(k=2, loss="binary_cross_entropy").evaluate(X, y)
+
+
+def test_multilabel_binary_cross_entropy():
+    """k sigmoid outputs: per-row loss = sum of k BCEs, proba (m, k), subset accuracy."""
+    rng = np.random.default_rng(8)
+    X = rng.standard_normal((40, 5))
+    Y = np.stack([X[:, 0] > 0, X[:, 1] + X[:, 2] > 0, X[:, 3] < 0.5], axis=1).astype(int)
+    model = mlp(k=3, loss="binary_cross_entropy", dtype="float64", seed=1)
+    Z = model.decision_function(X)
+    per = np.maximum(Z, 0) - Z * Y + np.log1p(np.exp(-np.abs(Z)))
+    ev = model.evaluate(X, Y)
+    assert ev["loss"] == pytest.approx(per.sum(1).mean(), rel=1e-12)
+    assert ev["error"] == pytest.approx(np.mean(((Z > 0) != Y).any(axis=1)))
+    P = model.predict_proba(X)
+    assert P.shape == (40, 3)
+    np.testing.assert_allclose(P, 1 / (1 + np.exp(-Z)), rtol=1e-12)
+    np.testing.assert_array_equal(model.predict(X), (Z > 0).astype(int))
+    assert model.count_errors(Z, model.check_y(Y, 40)) == int(((Z > 0) != Y).any(axis=1).sum())
+    assert fd.gradcheck(model, X[:8], Y[:8]).difference < 1e-7
+    w = rng.uniform(0.5, 2, 40)
+    assert fd.gradcheck(model, X[:8], Y[:8], sample_weight=w[:8]).difference < 1e-7
+    model.fit(X, Y, optimizer=fd.Adam(0.05), epochs=40, batch_size=10)
+    assert model.evaluate(X, Y)["accuracy"] >= 0.8
+    with pytest.raises(ValueError, match="only 0 and 1"):
+        model.evaluate(X, Y * 2)
 
 
 def test_predictions_mse():

@@ -226,9 +226,9 @@ def numpy_step(model, X, y, *, weights=None, dropout=True, seed=None, step=0, n_
         G = np.exp(Z - lse[:, None])
         G[np.arange(m), y] -= 1
     elif model.plan.loss == P.LOSS_SIGMOID_BCE:
-        z = Z[:, 0]
-        L = np.maximum(z, 0) - z * y + np.log1p(np.exp(-np.abs(z)))
-        G = (1 / (1 + np.exp(-z)) - y)[:, None]
+        t = y.reshape(Z.shape)
+        L = (np.maximum(Z, 0) - Z * t + np.log1p(np.exp(-np.abs(Z)))).sum(1)
+        G = 1 / (1 + np.exp(-Z)) - t
     else:
         L = 0.5 * ((Z - y) ** 2).sum(1)
         G = Z - y
@@ -276,7 +276,7 @@ def random_model(rng, loss, dtype, backend, l2_scale="batch"):
         if rng.random() < 0.4:
             layers.append(fd.Dropout(keep_prob=float(rng.choice([0.5, 0.8, 1.0]))))
         dim = out
-    k = {"softmax_cross_entropy": int(rng.integers(2, 6)), "binary_cross_entropy": 1,
+    k = {"softmax_cross_entropy": int(rng.integers(2, 6)), "binary_cross_entropy": int(rng.choice([1, 1, 3])),
          "mse": int(rng.integers(1, 4))}[loss]
     layers.append(fd.Dense(dim, k))
     return fd.Sequential(layers, loss=loss, l2=float(rng.choice([0.0, 0.3])), l2_scale=l2_scale, dtype=dtype,
@@ -287,7 +287,7 @@ def targets(rng, loss, m, k):
     if loss == "softmax_cross_entropy":
         return rng.integers(0, k, m)
     if loss == "binary_cross_entropy":
-        return rng.integers(0, 2, m).astype(float)
+        return rng.integers(0, 2, m if k == 1 else (m, k)).astype(float)
     return rng.standard_normal((m, k))
 
 

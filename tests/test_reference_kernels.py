@@ -375,6 +375,24 @@ def test_sigmoid_bce(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,k", [(1, 2), (7, 3)])
+def test_sigmoid_bce_multilabel(dtype, m, k):
+    """k outputs (multilabel): a row's loss is the sum of its k BCEs; dZ = (sigmoid(z) - y)/m."""
+    rng = np.random.default_rng(m * k)
+    Z = (3 * rng.standard_normal((m, k))).astype(dtype)
+    y = rng.integers(0, 2, (m, k)).astype(dtype)
+    dZ = np.empty((m, k), dtype)
+    loss = R.sigmoid_bce(Z, y, dZ)
+    exp = 0.0
+    for i in range(m):
+        for j in range(k):
+            s = 1 / (1 + math.exp(-float(Z[i, j])))
+            exp -= float(y[i, j]) * math.log(s) + (1 - float(y[i, j])) * math.log(1 - s)
+            assert dZ[i, j] == pytest.approx((s - float(y[i, j])) / m, rel=1e-5, abs=1e-7)
+    assert loss == pytest.approx(exp / m, rel=1e-6 if dtype == np.float32 else 1e-12)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_sigmoid_bce_is_stable_for_huge_logits(dtype):
     Z = np.array([[1e4], [1e4], [-1e4], [-1e4]], dtype)
     y = np.array([1, 0, 0, 1], dtype)

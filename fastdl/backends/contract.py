@@ -66,8 +66,9 @@ Losses (return the MEAN loss over the m rows as a Python float; no L2 term)
   ``softmax_cross_entropy(Z (m,k), y int64 (m,), dZ (m,k)|(0,0), w=None) -> float``
       ``logsumexp(z) - z_y``; ``dZ = (softmax(Z) - onehot(y)) / m``.
   ``softmax(Z, out) -> None``  (row-wise, max-shifted; ``out`` may alias ``Z``)
-  ``sigmoid_bce(Z (m,1), y (m,) float 0/1 of Z's dtype, dZ (m,1)|(0,0), w=None) -> float``
-      ``max(z,0) - z*y + log1p(exp(-|z|))``; ``dZ = (sigmoid(z) - y) / m``.
+  ``sigmoid_bce(Z (m,k), y float 0/1 of Z's dtype, (m,) when k == 1 else (m,k), dZ (m,k)|(0,0), w=None) -> float``
+      per output ``max(z,0) - z*y + log1p(exp(-|z|))``, a row's loss is the SUM
+      over its k outputs (k > 1: multilabel); ``dZ = (sigmoid(z) - y) / m``.
   ``mse(Yhat (m,k), Y (m,k) of Yhat's dtype, dZ (m,k)|(0,0), w=None) -> float``
       ``0.5 * ||yhat - y||^2`` per row; ``dZ = (yhat - y) / m``.
   Per-example weights ``w`` (float64 ``(m,)``; ``None`` or size 0 = unweighted,

@@ -181,14 +181,16 @@ def softmax_cross_entropy(Z, y, dZ, w=None) -> float:
 
 
 def sigmoid_bce(Z, y, dZ, w=None) -> float:
-    m = Z.shape[0]
-    z = Z[:, 0].astype(np.float64)
-    t = y.astype(np.float64)
-    loss = _mean_loss(np.maximum(z, 0) - z * t + np.log1p(np.exp(-np.abs(z))), w)
+    # k >= 1 independent outputs (multilabel): a row's loss is the SUM over its k outputs
+    m, k = Z.shape
+    z = Z.astype(np.float64)
+    t = y.astype(np.float64).reshape(m, k)
+    per_row = (np.maximum(z, 0) - z * t + np.log1p(np.exp(-np.abs(z)))).sum(axis=1)
+    loss = _mean_loss(per_row, w)
     if dZ.size:
         p = np.empty_like(z)
         _apply_activation(z, SIGMOID, p)
-        dZ[:, 0] = (p - t) * _row_scale(m, w)[:, 0] if _weighted(w) else (p - t) / m
+        dZ[...] = (p - t) * _row_scale(m, w) if _weighted(w) else (p - t) / m
     return loss
 
 

@@ -118,7 +118,7 @@ class PerLayerExecutor:
         self._ops = tuple(ops)
         self._dense_W = tuple(params[int(a):int(b)] for a, b in plan.dense_weights)
         self._workspaces: dict[int, _Workspace] = {}
-        self._error_buffers: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._error_buffers: dict[int, tuple] = {}
 
     # ----------------------------------------------------------------- buffers
     def workspace(self, m: int) -> _Workspace:
@@ -289,16 +289,22 @@ class PerLayerExecutor:
         """A bool view ``(m,)`` marking the misclassified rows of outputs ``Z`` (no allocation).
 
         The rule by ``plan.loss``: softmax cross-entropy: ``argmax(z) != y``
-        (the first maximum); binary cross-entropy: ``(z > 0) != y``.
+        (the first maximum); binary cross-entropy: ``(z > 0) != y`` (k outputs:
+        any of the row's labels).
         """
-        m = Z.shape[0]
+        m, k = Z.shape
         bufs = self._error_buffers.get(m)
         if bufs is None:
             if len(self._error_buffers) >= MAX_WORKSPACES:
                 self._error_buffers.clear()
-            bufs = self._error_buffers[m] = (np.empty(m, np.int64), np.empty(m, np.bool_))
-        pred, wrong = bufs
-        if self.plan.loss == LOSS_SIGMOID_BCE:
+            bufs = self._error_buffers[m] = (np.empty(m, np.int64), np.empty(m, np.bool_),
+                                             np.empty((m, k), np.bool_) if k > 1 else None)
+        pred, wrong, labels = bufs
+        if self.plan.loss == LOSS_SIGMOID_BCE and k > 1:  # multilabel: wrong if any label is wrong
+            np.greater(Z, 0, out=labels)
+            np.not_equal(labels, y, out=labels)
+            labels.any(axis=1, out=wrong)
+        elif self.plan.loss == LOSS_SIGMOID_BCE:
             np.greater(Z[:, 0], 0, out=wrong)
             np.not_equal(wrong, y, out=wrong)
         elif self.plan.loss == LOSS_MSE:
