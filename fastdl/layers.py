@@ -20,6 +20,16 @@ from .initializers import INITS, init_weights
 class Layer:
     """Base class. Subclasses declare their arrays, widths, configuration and initial values."""
 
+    #: configuration the execution plan copies: changing it on a model's layer recompiles the plan
+    _PLAN_FIELDS = frozenset({"keep_prob", "eps", "momentum"})
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        object.__setattr__(self, name, value)
+        if name in self._PLAN_FIELDS:
+            owner = self.__dict__.get("_owner")
+            if owner is not None:
+                owner._compile()
+
     #: (name, shape) of trainable arrays in flat order, set by subclasses.
     def param_specs(self) -> list[tuple[str, tuple[int, ...]]]:
         return []
@@ -66,7 +76,7 @@ class Dense(Layer):
     n_in, n_out : int
         Input and output widths.
     init : {'he', 'lecun', 'xavier', 'zeros'}
-        Weight initialisation (SPEC.md); biases start at zero.
+        Weight initialisation (docs/spec.md "Initialisation"); biases start at zero.
     use_bias : bool
         Set False before BatchNorm (its ``beta`` plays the bias).
     """
@@ -99,7 +109,7 @@ class Dense(Layer):
 
 
 class BatchNorm(Layer):
-    """Batch normalisation of the pre-activation ``Z`` per feature (SPEC.md).
+    """Batch normalisation of the pre-activation ``Z`` per feature (docs/spec.md "Batch normalisation").
 
     ``momentum`` follows the course: ``running = momentum*running +
     (1-momentum)*batch`` (PyTorch's ``momentum=0.1`` is this library's 0.9),

@@ -2,7 +2,7 @@
 
 Parametrised over all available non-reference backends
 (``fastdl.backends.available_backends()``), so a new backend is picked up
-automatically. Tolerances (DESIGN.md "Habits"): float32 about 1e-5 relative,
+automatically. Tolerances (docs/design.md "Habits"): float32 about 1e-5 relative,
 float64 about 1e-12 relative; dropout masks bit-identical.
 
 Output arrays are pre-filled with NaN (uint8 masks with 7) before each call,

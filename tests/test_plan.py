@@ -360,3 +360,15 @@ def test_count_errors_by_the_plans_loss(loss):
     assert model.count_errors(Z, y) == expected
     with pytest.raises(TypeError, match="no classification error"):
         fd.Sequential([fd.Dense(3, 2)], loss="mse", backend="reference").count_errors(Z, y)
+
+
+def test_changing_a_layers_configuration_recompiles_the_plan():
+    model = fd.Sequential([fd.Dense(3, 4, use_bias=False), fd.BatchNorm(4), fd.ReLU(), fd.Dropout(keep_prob=0.5),
+                           fd.Dense(4, 2)], backend="reference")
+    model.layers[1].momentum = 0.5
+    model.layers[1].eps = 1e-3
+    model.layers[3].keep_prob = 1.0
+    ops = model.plan.ops
+    assert ops[1].momentum == 0.5 and ops[1].eps == 1e-3
+    assert [op.kind for op in ops] == [P.OP_DENSE, P.OP_BATCHNORM, P.OP_ACTIVATION, P.OP_DENSE]
+    assert model.executor.plan is model.plan

@@ -285,7 +285,7 @@ def test_batchnorm_backward_matches_finite_differences():
     np.testing.assert_allclose(dZ, fd(Z, 0), rtol=1e-6, atol=1e-8)
     np.testing.assert_allclose(dgamma, fd(gamma, 1), rtol=1e-6, atol=1e-8)
     np.testing.assert_allclose(dbeta, fd(beta, 2), rtol=1e-6, atol=1e-8)
-    # the closed forms of SPEC.md
+    # the closed forms of docs/spec.md
     x_hat = (Z - Z.mean(0)) / np.sqrt(Z.var(0) + eps)
     np.testing.assert_allclose(dgamma, (Rw * x_hat).sum(0), rtol=1e-12)
     np.testing.assert_allclose(dbeta, Rw.sum(0), rtol=1e-12)

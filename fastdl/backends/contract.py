@@ -51,7 +51,7 @@ Dense
 Activations (a standalone activation layer, e.g. after BatchNorm)
   ``activation_forward(Z, act, out) -> None``  (``out`` may alias ``Z``)
   ``activation_backward(out, dout, act, dZ) -> None``  (``dZ`` may alias ``dout``)
-BatchNorm (per feature over the batch; SPEC.md "Batch normalisation")
+BatchNorm (per feature over the batch; docs/spec.md "Batch normalisation")
   ``batchnorm_forward_train(Z (m,n), gamma (n,), beta (n,), eps, momentum,
   running_mean (n,), running_var (n,), mean (n,), inv_std (n,), out (m,n)) -> None``
       writes ``mean``, ``inv_std = 1/sqrt(var + eps)`` (biased var), ``out``;

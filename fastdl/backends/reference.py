@@ -1,4 +1,4 @@
-"""The reference backend: plain NumPy, straight from SPEC.md.
+"""The reference backend: plain NumPy, straight from docs/spec.md.
 
 Written for clarity, not speed; it is the oracle every compiled backend is
 tested against. Signatures and semantics: :mod:`fastdl.backends.contract`.
