@@ -46,6 +46,8 @@ ctypedef void (*dgemm_rm_t)(int, int, int, int, int, double, const double*, int,
 
 cdef sgemm_rm_t _sgemm_rm = <sgemm_rm_t><size_t>_blas.rowmajor_addresses()[0]
 cdef dgemm_rm_t _dgemm_rm = <dgemm_rm_t><size_t>_blas.rowmajor_addresses()[1]
+# precision=1: both operands rounded to bfloat16, float32 accumulation (MKL's bf16 GEMM or round + sgemm)
+cdef sgemm_rm_t _bf16gemm_rm = <sgemm_rm_t><size_t>_blas.rowmajor_addresses()[2]
 
 
 def build_info():
@@ -73,10 +75,16 @@ cdef inline Py_ssize_t grain(int act) noexcept nogil:
 # ------------------------------------------------------------------ BLAS
 
 cdef inline void gemm(bint trans_a, bint trans_b, int M, int N, int K, real alpha, const real* A, int lda,
-                      const real* B, int ldb, real beta, real* C, int ldc) noexcept nogil:
-    """Row-major ``C (M,N) = alpha * op(A) @ op(B) + beta * C``; ``ld*`` are row strides."""
+                      const real* B, int ldb, real beta, real* C, int ldc, int precision) noexcept nogil:
+    """Row-major ``C (M,N) = alpha * op(A) @ op(B) + beta * C``; ``ld*`` are row strides.
+
+    ``precision`` 1 (float32 only; the entry points reject float64): bfloat16 operands.
+    """
     if real is float:
-        _sgemm_rm(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc)
+        if precision == 1:
+            _bf16gemm_rm(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc)
+        else:
+            _sgemm_rm(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc)
     else:
         _dgemm_rm(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc)
 
@@ -127,6 +135,12 @@ cdef tc_void scale_chunk(const real* x, real* out, Py_ssize_t n, real s) noexcep
     cdef Py_ssize_t i
     for i in range(n):
         out[i] = s * x[i]
+
+
+cdef tc_void axpy_chunk(const real* x, real* out, Py_ssize_t n, real s) noexcept nogil:
+    cdef Py_ssize_t i
+    for i in range(n):
+        out[i] = out[i] + s * x[i]
 
 
 cdef tc_void fill_rows_chunk(real* out, const real* b, Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t n) noexcept nogil:
@@ -188,52 +202,59 @@ cdef void activation_backward_c(const real* a, const real* d, real* o, Py_ssize_
 # ------------------------------------------------------------------ fused-type bodies
 
 cdef void dense_forward_c(const real* A, const real* W, const real* b, bint has_b, int act, real* out,
-                         int m, int n_in, int n_out) noexcept nogil:
+                          int m, int n_in, int n_out, int precision) noexcept nogil:
     cdef real one = 1, zero = 0
     if has_b:
         fill_rows_chunk(out, b, 0, m, n_out)
-        gemm(False, False, m, n_out, n_in, one, A, n_in, W, n_out, one, out, n_out)
+        gemm(False, False, m, n_out, n_in, one, A, n_in, W, n_out, one, out, n_out, precision)
     else:
-        gemm(False, False, m, n_out, n_in, one, A, n_in, W, n_out, zero, out, n_out)
+        gemm(False, False, m, n_out, n_in, one, A, n_in, W, n_out, zero, out, n_out, precision)
     if act != IDENTITY:
         act_chunk(out, out, <Py_ssize_t>m * n_out, act)
 
 
 cdef void dense_backward_c(const real* A, const real* W, const real* out, const real* dout, int act,
-                          double l2, real* dZ, real* dW, real* db, bint has_db, real* dA, bint has_dA,
-                          int m, int n_in, int n_out) noexcept nogil:
+                           double l2, real* dZ, real* dW, real* db, bint has_db, real* dA, bint has_dA,
+                           int m, int n_in, int n_out, int precision) noexcept nogil:
     cdef real one = 1, zero = 0
     if has_db:
         grad_colsum_chunk(out, dout, dZ, db, m, n_out, 0, n_out, act)
     elif act != IDENTITY or dZ != dout:
         grad_chunk(out, dout, dZ, <Py_ssize_t>m * n_out, act)
-    if l2 != 0.0:
+    if l2 != 0.0 and precision == 0:
         scale_chunk(W, dW, <Py_ssize_t>n_in * n_out, <real>l2)
-        gemm(True, False, n_in, n_out, m, one, A, n_in, dZ, n_out, one, dW, n_out)
+        gemm(True, False, n_in, n_out, m, one, A, n_in, dZ, n_out, one, dW, n_out, precision)
     else:
-        gemm(True, False, n_in, n_out, m, one, A, n_in, dZ, n_out, zero, dW, n_out)
+        gemm(True, False, n_in, n_out, m, one, A, n_in, dZ, n_out, zero, dW, n_out, precision)
+        if l2 != 0.0:   # bf16: the product first, then the float32 weight-decay term (as the reference)
+            axpy_chunk(W, dW, <Py_ssize_t>n_in * n_out, <real>l2)
     if has_dA:
-        gemm(False, True, m, n_in, n_out, one, dZ, n_out, W, n_out, zero, dA, n_in)
+        gemm(False, True, m, n_in, n_out, one, dZ, n_out, W, n_out, zero, dA, n_in, precision)
 
 
 # ------------------------------------------------------------------ Python entry points
 
-cdef int check_precision(int precision) except -1:
+cdef int check_precision(int precision, int t) except -1:
     if precision == 0:
         return 0
     if precision == 1:
-        raise NotImplementedError("precision=1 (bfloat16 GEMMs) is not implemented by the Cython dense kernels yet")
+        if t == cnp.NPY_DOUBLE:
+            raise ValueError("precision=1 (bfloat16 GEMMs) needs float32 arrays; float64 models train in fp32")
+        return 0
     raise ValueError(f"precision must be 0 (float32 GEMMs) or 1 (bfloat16 GEMMs), got {precision}")
 
 
 def dense_forward(A_prev, W, b, int act, out, int precision=0):
-    """``out = g(A_prev @ W + b)`` (see fastdl.backends.contract); ``precision`` 0 = the dtype's GEMM."""
+    """``out = g(A_prev @ W + b)`` (see fastdl.backends.contract).
+
+    ``precision`` 1 (float32 only): the GEMM takes bfloat16-rounded operands, float32 accumulation.
+    """
     cdef int t = rtype(A_prev, 2)
     cdef Py_ssize_t m, n_in, n_out
     cdef bint has_b
-    check_precision(precision)
+    check_precision(precision, t)
     if not (is_float(t) and rtype(W, 2) == t and wtype(out, 2) == t and 0 <= act <= 3):
-        return _ref.dense_forward(A_prev, W, b, act, out)
+        return _ref.dense_forward(A_prev, W, b, act, out, precision)
     m = dim(A_prev, 0)
     n_in = dim(A_prev, 1)
     n_out = dim(W, 1)
@@ -241,25 +262,29 @@ def dense_forward(A_prev, W, b, int act, out, int precision=0):
     if (dim(W, 0) != n_in or dim(out, 0) != m or dim(out, 1) != n_out
             or (has_b and not (rtype(b, 1) == t and dim(b, 0) == n_out))
             or m > INT_MAX or n_in > INT_MAX or n_out > INT_MAX):
-        return _ref.dense_forward(A_prev, W, b, act, out)
+        return _ref.dense_forward(A_prev, W, b, act, out, precision)
     with nogil:
         if t == cnp.NPY_FLOAT:
             dense_forward_c(<float*>data(A_prev), <float*>data(W), <float*>data(b) if has_b else NULL, has_b,
-                           act, <float*>data(out), <int>m, <int>n_in, <int>n_out)
+                           act, <float*>data(out), <int>m, <int>n_in, <int>n_out, precision)
         else:
             dense_forward_c(<double*>data(A_prev), <double*>data(W), <double*>data(b) if has_b else NULL, has_b,
-                           act, <double*>data(out), <int>m, <int>n_in, <int>n_out)
+                           act, <double*>data(out), <int>m, <int>n_in, <int>n_out, 0)
 
 
 def dense_backward(A_prev, W, out, dout, int act, double l2_over_m, dZ, dW, db, dA_prev, int precision=0):
-    """``dZ = dout*g'(out)``, ``dW = A_prev.T@dZ + l2_over_m*W``, ``db``, ``dA_prev = dZ@W.T``."""
+    """``dZ = dout*g'(out)``, ``dW = A_prev.T@dZ + l2_over_m*W``, ``db``, ``dA_prev = dZ@W.T``.
+
+    ``precision`` 1 (float32 only): both GEMMs take bfloat16-rounded operands (float32 accumulation);
+    the weight-decay term is added to the product afterwards, in float32.
+    """
     cdef int t = rtype(A_prev, 2)
     cdef Py_ssize_t m, n_in, n_out
     cdef bint has_db, has_dA
-    check_precision(precision)
+    check_precision(precision, t)
     if not (is_float(t) and rtype(W, 2) == t and rtype(out, 2) == t and rtype(dout, 2) == t
             and wtype(dZ, 2) == t and wtype(dW, 2) == t and 0 <= act <= 3):
-        return _ref.dense_backward(A_prev, W, out, dout, act, l2_over_m, dZ, dW, db, dA_prev)
+        return _ref.dense_backward(A_prev, W, out, dout, act, l2_over_m, dZ, dW, db, dA_prev, precision)
     m = dim(A_prev, 0)
     n_in = dim(A_prev, 1)
     n_out = dim(W, 1)
@@ -271,18 +296,20 @@ def dense_backward(A_prev, W, out, dout, int act, double l2_over_m, dZ, dW, db, 
             or (has_db and not (wtype(db, 1) == t and dim(db, 0) == n_out))
             or (has_dA and not (wtype(dA_prev, 2) == t and dim(dA_prev, 0) == m and dim(dA_prev, 1) == n_in))
             or m > INT_MAX or n_in > INT_MAX or n_out > INT_MAX):
-        return _ref.dense_backward(A_prev, W, out, dout, act, l2_over_m, dZ, dW, db, dA_prev)
+        return _ref.dense_backward(A_prev, W, out, dout, act, l2_over_m, dZ, dW, db, dA_prev, precision)
     with nogil:
         if t == cnp.NPY_FLOAT:
             dense_backward_c(<float*>data(A_prev), <float*>data(W), <float*>data(out), <float*>data(dout), act,
                             l2_over_m, <float*>data(dZ), <float*>data(dW),
                             <float*>data(db) if has_db else NULL, has_db,
-                            <float*>data(dA_prev) if has_dA else NULL, has_dA, <int>m, <int>n_in, <int>n_out)
+                            <float*>data(dA_prev) if has_dA else NULL, has_dA, <int>m, <int>n_in, <int>n_out,
+                             precision)
         else:
             dense_backward_c(<double*>data(A_prev), <double*>data(W), <double*>data(out), <double*>data(dout), act,
                             l2_over_m, <double*>data(dZ), <double*>data(dW),
                             <double*>data(db) if has_db else NULL, has_db,
-                            <double*>data(dA_prev) if has_dA else NULL, has_dA, <int>m, <int>n_in, <int>n_out)
+                            <double*>data(dA_prev) if has_dA else NULL, has_dA, <int>m, <int>n_in, <int>n_out,
+                             0)
 
 
 def activation_forward(Z, int act, out):

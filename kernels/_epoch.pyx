@@ -57,6 +57,7 @@ cdef struct Op:
     int n_out
     int act
     int has_b
+    int prec            # PRECISION_* of the Dense GEMMs
     uint64_t layer
     Py_ssize_t p0, p1, s0, out, dx, mean, inv, mask
     double keep, eps, mom
@@ -140,7 +141,7 @@ cdef real* forward(Run* r, const real* xb, Py_ssize_t m, uint64_t step) noexcept
         out = ws + op.out
         if op.kind == OP_DENSE:
             dense_forward_c(x, params + op.p0, params + op.p1 if op.has_b else NULL, op.has_b, op.act, out,
-                            <int>m, op.n_in, op.n_out)
+                            <int>m, op.n_in, op.n_out, op.prec)
         elif op.kind == OP_BATCHNORM:
             bn_forward_train_c(x, params + op.p0, params + op.p0 + op.n_out, op.eps, op.mom, state + op.s0,
                                state + op.s0 + op.n_out, ws + op.mean, ws + op.inv, out, m, op.n_out, r.bnwork)
@@ -174,7 +175,7 @@ cdef void backward(Run* r, const real* xb, Py_ssize_t m, double l2_over_m) noexc
         if op.kind == OP_DENSE:    # dZ written in place into dout
             dense_backward_c(x, params + op.p0, ws + op.out, dout, op.act, l2_over_m, dout, grads + op.p0,
                              grads + op.p1 if op.has_b else NULL, op.has_b, dx, dx != NULL,
-                             <int>m, op.n_in, op.n_out)
+                             <int>m, op.n_in, op.n_out, op.prec)
         elif op.kind == OP_BATCHNORM:
             bn_backward_c(x, params + op.p0, ws + op.mean, ws + op.inv, dout, dx, grads + op.p0,
                           grads + op.p0 + op.n_out, m, op.n_out, r.bnwork)
@@ -313,9 +314,11 @@ cdef class CythonEpochExecutor:
             raise ValueError(f"unknown optimiser kind {opt_spec.kind}")
         lay = plan.layout(batch_size)
         iprog, fprog = lay.iprog, lay.fprog
-        if any(int(p) != _plan.PRECISION_FP32 for p in iprog[:, _plan.I_PREC]):
-            raise NotImplementedError("the Cython epoch executor has no bfloat16 GEMMs yet (precision='bf16'); "
-                                      "train this model with precision='fp32' or another executor")
+        precs = {int(p) for p, kind in zip(iprog[:, _plan.I_PREC], iprog[:, _plan.I_KIND]) if kind == OP_DENSE}
+        if not precs <= {_plan.PRECISION_FP32, _plan.PRECISION_BF16}:
+            raise ValueError(f"unknown precision code(s) {sorted(precs)} in the plan")
+        if _plan.PRECISION_BF16 in precs and dt != np.float32:
+            raise ValueError("precision='bf16' (bfloat16 GEMMs) needs a float32 plan")
         self.plan = plan
         self.opt_spec = opt_spec
         self.batch_size = batch_size
@@ -335,6 +338,7 @@ cdef class CythonEpochExecutor:
             op.n_in = int(row[_plan.I_NIN])
             op.n_out = int(row[_plan.I_NOUT])
             op.act = int(row[_plan.I_ACT])
+            op.prec = int(row[_plan.I_PREC]) if op.kind == OP_DENSE else 0
             op.p0 = int(row[_plan.I_P0])
             op.p1 = int(row[_plan.I_P1])
             op.has_b = op.p1 >= 0

@@ -264,13 +264,57 @@ def test_arguments_are_checked():
     assert ex.run_epoch(**good)[2] == 0
 
 
-def test_bf16_plan_is_refused_until_bf16_gemms_exist():
+def _bf16_model(**kw):
+    import warnings
+
+    with warnings.catch_warnings():   # "no bfloat16 unit" on CPUs without one: still correct
+        warnings.simplefilter("ignore")
+        return make_model(**kw)
+
+
+@pytest.mark.parametrize("loss,k", [("softmax_cross_entropy", 4), ("mse", 2)])
+def test_bf16_epoch_bit_identical_to_per_layer(loss, k):
     try:
-        model = fd.Sequential([fd.Dense(4, 3)], precision="bf16", backend="reference")
-    except (TypeError, ValueError) as exc:
-        pytest.skip(f"precision='bf16' not available: {exc}")
-    with pytest.raises(NotImplementedError, match="bfloat16"):
-        cb.epoch_executor(model.plan, 4, fd.optim.SGD().spec())
+        model = _bf16_model(loss=loss, dtype="float32", k=k, l2=0.2)
+    except TypeError as exc:
+        pytest.skip(f"Sequential(precision=...) not available: {exc}")
+    model = fd.Sequential.from_config(model.get_config(), backend="cython", precision="bf16") \
+        if model.precision != "bf16" else model
+    assert any(op.precision == 1 for op in model.plan.ops)
+    fus = model.copy()
+    rng = np.random.default_rng(7)
+    X, y = make_data(loss, 29, model.n_features, k, "float32", rng)
+    perm = rng.permutation(29).astype(np.int64)
+    lrs = np.full(4, 0.01)
+    opt_r, opt_f = fd.optim.Adam(lr=0.01), fd.optim.Adam(lr=0.01)
+    r = per_layer_epoch(model, opt_r, X, y, None, perm, 8, lrs)
+    f = fused_epoch(fus, opt_f, X, y, None, perm, 8, lrs)
+    assert r[3] == f[3] == 0
+    assert same_bits(r[0], f[0]) and same_bits(model.params, fus.params) and same_bits(model.state, fus.state)
+
+
+def test_bf16_dense_kernels_match_the_reference_emulation():
+    from fastdl.backends import reference as ref
+
+    rng = np.random.default_rng(11)
+    A, W, b = (rng.standard_normal(s).astype(np.float32) for s in ((67, 45), (45, 33), (33,)))
+    dout = rng.standard_normal((67, 33)).astype(np.float32)
+    res = []
+    for be in (cb, ref):
+        out, dZ, dW, db, dA = (np.empty((67, 33), np.float32), np.empty((67, 33), np.float32), np.empty_like(W),
+                               np.empty_like(b), np.empty_like(A))
+        be.dense_forward(A, W, b, 1, out, 1)
+        be.dense_backward(A, W, out, dout, 1, 0.05, dZ, dW, db, dA, 1)
+        res.append((out, dZ, dW, db, dA))
+    for x, r in zip(*res):   # float32 accumulation of the same bf16 operands: float32 tolerance
+        np.testing.assert_allclose(x, r, rtol=1e-5, atol=1e-5 * float(np.abs(r).max()))
+    # and not the fp32 product: the operands really were rounded
+    out32 = np.empty((67, 33), np.float32)
+    cb.dense_forward(A, W, b, 1, out32, 0)
+    assert not np.allclose(out32, res[0][0], rtol=1e-6, atol=0)
+    with pytest.raises(ValueError, match="float32"):
+        cb.dense_forward(A.astype(np.float64), W.astype(np.float64), b.astype(np.float64), 1,
+                         np.empty((67, 33)), 1)
 
 
 def test_backend_object_offers_the_executor():
