@@ -10,10 +10,12 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit
+
+# fastdl's own cache directory (never the package's __pycache__): fastdl/backends/numba/_cache.py
+from .backends.numba._cache import fastdl_njit
 
 
-@njit(cache=True, nogil=True, inline="always")
+@fastdl_njit(nogil=True, inline="always")
 def _index(k, n, mode):
     if 0 <= k < n:
         return k
@@ -28,7 +30,7 @@ def _index(k, n, mode):
     return k % n
 
 
-@njit(cache=True, nogil=True, inline="always")
+@fastdl_njit(nogil=True, inline="always")
 def _sample(X, out, n, i, j, sy, sx, mode, fill):
     H, W, C = X.shape[1], X.shape[2], X.shape[3]
     fy0 = math.floor(sy)
@@ -58,7 +60,7 @@ def _sample(X, out, n, i, j, sy, sx, mode, fill):
         out[n, i, j, c] = top if wy == 0.0 else (1.0 - wy) * top + wy * bot
 
 
-@njit(cache=True, nogil=True)
+@fastdl_njit(nogil=True)
 def affine_bilinear(X, M, mode, fill, out):
     """``out[n, i, j] = X[n] sampled at M[n] @ (i, j, 1)``; M has shape (m, 2, 3)."""
     m, H, W = X.shape[0], X.shape[1], X.shape[2]
@@ -70,7 +72,7 @@ def affine_bilinear(X, M, mode, fill, out):
                 _sample(X, out, n, i, j, a00 * i + a01 * j + a02, a10 * i + a11 * j + a12, mode, fill)
 
 
-@njit(cache=True, nogil=True)
+@fastdl_njit(nogil=True)
 def affine_chain_bilinear(X, codes, P, mode, fill, out):
     """Compose the built-in transforms of each image (codes: 0 shift, 1 rotation; P: (T, m, 3)
     parameters) into one inverse affine map, then sample bilinearly (see ``augment._chain_matrices``)."""
@@ -102,7 +104,7 @@ def affine_chain_bilinear(X, codes, P, mode, fill, out):
                 _sample(X, out, n, i, j, a00 * i + a01 * j + a02, a10 * i + a11 * j + a12, mode, fill)
 
 
-@njit(cache=True, nogil=True)
+@fastdl_njit(nogil=True)
 def map_bilinear(X, SY, SX, mode, fill, out):
     """``out[n, i, j] = X[n] sampled at (SY[n, i, j], SX[n, i, j])``."""
     m, H, W = X.shape[0], X.shape[1], X.shape[2]

@@ -1,0 +1,164 @@
+"""fastdl's own Numba cache: a per-user directory keyed by a hash of ALL fastdl kernel sources.
+
+Why not ``@njit(cache=True)``: Numba's default locators write the cache next
+to the source (``site-packages/fastdl/**/__pycache__``; an uninstall leaves
+it behind and the leftover directory shadows a later editable install) and
+invalidate it per *file*, while fastdl's kernels call and inline each other
+across files (a stale cached epoch calling recompiled kernels crashed).
+
+Here every fastdl compiled function gets a :class:`_FastdlCache` (a Numba
+``FunctionCache`` whose only locator is :class:`FastdlCacheLocator`):
+
+* directory: ``$XDG_CACHE_HOME`` (or ``~/.cache``) ``/fastdl/numba/<key>/``,
+  or ``$NUMBA_CACHE_DIR/fastdl/<key>/`` when the user set ``NUMBA_CACHE_DIR``;
+* ``<key>`` hashes the sources of every fastdl module with compiled code
+  (:data:`KERNEL_SOURCES`), the Numba, llvmlite and Python versions: any
+  edit anywhere (editable installs change without a version bump) gives a
+  fresh directory, so cross-module inlining can never load stale code;
+* scoped to fastdl: nothing global changes (no ``NUMBA_CACHE_DIR``, no
+  ``numba.config``), so the user's own ``cache=True`` functions are cached
+  where Numba always puts them;
+* an unwritable cache directory disables caching (compiles every run) rather
+  than falling back to the package directory.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+from pathlib import Path
+from typing import Callable, Iterable
+
+import llvmlite
+import numba
+from numba.core.caching import CompileResultCacheImpl, FunctionCache, NullCache, _CacheLocator
+
+_PKG = Path(__file__).resolve().parents[2]          # the fastdl package directory
+
+#: every source file whose compiled code lands in this cache (relative to the fastdl package)
+KERNEL_SOURCES: tuple[str, ...] = (
+    "backends/contract.py",
+    "backends/numba/__init__.py", "backends/numba/_cache.py", "backends/numba/_math.py",
+    "backends/numba/_chunks.py", "backends/numba/dense.py", "backends/numba/batchnorm.py",
+    "backends/numba/losses.py", "backends/numba/dropout.py", "backends/numba/optim.py",
+    "backends/numba/epoch.py", "_augment_numba.py",
+)
+
+
+def source_key(sources: Iterable[bytes], versions: Iterable[str] | None = None) -> str:
+    """The cache directory name: a hash of the kernel sources and the toolchain versions.
+
+    ``sources``: the bytes of each source file (in a fixed order); ``versions``
+    defaults to this interpreter's Numba, llvmlite and Python versions.
+    """
+    h = hashlib.sha256()
+    if versions is None:
+        versions = (numba.__version__, llvmlite.__version__, sys.version, sys.platform)
+    for v in versions:
+        h.update(b"v\0" + str(v).encode() + b"\0")
+    for src in sources:
+        h.update(b"s\0" + hashlib.sha256(src).digest())
+    return h.hexdigest()[:24]
+
+
+def _read_sources() -> list[bytes]:
+    out = []
+    for rel in KERNEL_SOURCES:
+        try:
+            out.append((_PKG / rel).read_bytes())
+        except OSError:          # a file not shipped: its absence is part of the key
+            out.append(b"<missing " + rel.encode() + b">")
+    return out
+
+
+_KEY: str | None = None
+
+
+def current_key() -> str:
+    """The key of the installed sources (computed once per process)."""
+    global _KEY
+    if _KEY is None:
+        _KEY = source_key(_read_sources())
+    return _KEY
+
+
+def cache_root(environ: "os._Environ[str] | dict[str, str] | None" = None) -> Path:
+    """Where fastdl's Numba caches live (without the key): see the module docstring."""
+    env = os.environ if environ is None else environ
+    user_dir = env.get("NUMBA_CACHE_DIR")
+    if user_dir:
+        return Path(user_dir) / "fastdl"
+    xdg = env.get("XDG_CACHE_HOME")
+    home = Path(env["HOME"]) if env.get("HOME") else Path.home()
+    base = Path(xdg) if xdg and os.path.isabs(xdg) else home / ".cache"
+    return base / "fastdl" / "numba"
+
+
+def cache_dir() -> Path:
+    """This installation's cache directory: ``cache_root() / current_key()``."""
+    return cache_root() / current_key()
+
+
+class FastdlCacheLocator(_CacheLocator):
+    """Numba cache locator for fastdl's compiled functions (see the module docstring)."""
+
+    def __init__(self, py_func, py_file):
+        self._lineno = py_func.__code__.co_firstlineno
+        self._cache_path = str(cache_dir())
+
+    def get_cache_path(self) -> str:
+        return self._cache_path
+
+    def get_source_stamp(self) -> str:
+        # the directory already encodes every source: the stamp only has to be stable
+        return current_key()
+
+    def get_disambiguator(self) -> str:
+        return str(self._lineno)
+
+    @classmethod
+    def from_function(cls, py_func, py_file):
+        self = cls(py_func, py_file)
+        try:
+            self.ensure_cache_path()
+        except OSError:
+            return None
+        return self
+
+
+class _FastdlCacheImpl(CompileResultCacheImpl):
+    _locator_classes = [FastdlCacheLocator]
+
+
+class _FastdlCache(FunctionCache):
+    _impl_class = _FastdlCacheImpl
+
+
+def enable_cache(dispatcher):
+    """Give one compiled function fastdl's cache (in place; returns the dispatcher)."""
+    try:
+        dispatcher._cache = _FastdlCache(dispatcher.py_func)
+    except RuntimeError:          # no writable cache directory: compile every run
+        dispatcher._cache = NullCache()
+    return dispatcher
+
+
+def fastdl_njit(**options) -> Callable:
+    """``numba.njit(**options)`` with fastdl's cache (never ``cache=True``: see the module docstring)."""
+    if options.pop("cache", False):
+        raise ValueError("fastdl_njit caches by itself; do not pass cache=True")
+
+    def deco(fn):
+        return enable_cache(numba.njit(**options)(fn))
+    return deco
+
+
+# The four compile modes of fastdl's kernels. error_model="numpy": IEEE division (x/0 -> inf/NaN)
+# and vectorisable divisions. fastmath only where stated (see fastdl/backends/numba/__init__.py).
+jit = fastdl_njit(error_model="numpy")
+pjit = fastdl_njit(error_model="numpy", parallel=True)
+mjit = fastdl_njit(error_model="numpy", fastmath={"contract"})   # math polynomials only
+rjit = fastdl_njit(error_model="numpy", fastmath={"reassoc"})    # float64 sums: vectorised order
+
+__all__ = ["KERNEL_SOURCES", "FastdlCacheLocator", "cache_dir", "cache_root", "current_key", "enable_cache",
+           "fastdl_njit", "jit", "mjit", "pjit", "rjit", "source_key"]
