@@ -126,12 +126,14 @@ def fit(model: "Sequential", X, y, *, optimizer: Optimizer | None = None, epochs
         return history
     runner = make_runner(s, fused)
     history.compile_time = runner.compile(verbose)
-    cbs = CallbackList(model, runner.row_counts, [NormRecorder(warn=comm is None or comm.rank == 0)]
-                       + ([ProgressBar(epochs, int(runner.row_counts.sum()), initial_epoch=initial_epoch,
-                                       verbose=verbose)] if verbose else [])
-                       + user + ([Checkpointer(checkpoint, every=checkpoint_every, epochs=epochs,
-                                               optimizer=s.optimizer, run_info=run_info, callbacks=user,
-                                               schedule=s.schedule)] if checkpoint is not None else []))
+    builtin_first = [NormRecorder(warn=comm is None or comm.rank == 0)]  # warn once, on rank 0 only
+    if verbose:
+        builtin_first.append(ProgressBar(epochs, int(runner.row_counts.sum()), initial_epoch=initial_epoch,
+                                         verbose=verbose))
+    builtin_last = [] if checkpoint is None else [  # last: saves after every other callback
+        Checkpointer(checkpoint, every=checkpoint_every, epochs=epochs, optimizer=s.optimizer,
+                     run_info=run_info, callbacks=user, schedule=s.schedule)]
+    cbs = CallbackList(model, runner.row_counts, builtin_first + user + builtin_last)
     cbs.on_train_begin({"has_validation": val is not None, "initial_epoch": initial_epoch, "epochs": epochs})
     if resumed is not None:
         restore_callback_states(user, resumed.callback_states, f"checkpoint {checkpoint}")
