@@ -310,11 +310,15 @@ SETTINGS_DEFAULTS: dict[str, Any] = {
     "epochs": 10,
     "schedule": "constant",   # constant, inverse_time, exponential, inverse_sqrt, staircase
     "patience": 0,            # early stopping on dev loss (0 = off)
+    "momentum": 0.9,          # classical_momentum (PyTorch / scikit-learn form)
+    "nesterov": True,         # classical_momentum
+    "precision": "fp32",      # fp32, bf16 (bfloat16 matrix products, float32 parameters)
 }
 _SCHEDULE_ARGS = {"constant": (), "inverse_time": ("decay_rate",), "exponential": ("base",),
                   "inverse_sqrt": ("k", "per_step"), "staircase": ("factor", "every")}
 _OPTIMIZER_ARGS = {"sgd": ("lr",), "momentum": ("lr", "beta"), "rmsprop": ("lr", "beta2", "eps"),
-                   "adam": ("lr", "beta1", "beta2", "eps")}
+                   "adam": ("lr", "beta1", "beta2", "eps"),
+                   "classical_momentum": ("lr", "momentum", "nesterov")}
 KNOWN_KEYS = frozenset(SETTINGS_DEFAULTS) | {a for args in _SCHEDULE_ARGS.values() for a in args}
 
 
@@ -521,8 +525,10 @@ def _build(task: _Task, n_in: int):
     hidden = tuple(int(h) for h in hidden)
     layers = build_mlp(n_in, hidden, task.n_out, activation=s["activation"], batchnorm=bool(s["batchnorm"]),
                        keep_prob=float(s["keep_prob"]))
+    # precision= only when not fp32: a trial of the default space builds the same model as before
+    extra = {"precision": str(s["precision"])} if s["precision"] != "fp32" else {}
     model = Sequential(layers, loss=task.loss, l2=float(s["l2"]), l2_scale=s["l2_scale"], dtype=task.dtype,
-                       backend=task.backend, seed=task.seed)
+                       backend=task.backend, seed=task.seed, **extra)
     opt_name = str(s["optimizer"]).lower()
     if opt_name not in _OPTIMIZER_ARGS:
         raise ValueError(f"unknown optimizer {s['optimizer']!r}; choose one of {sorted(_OPTIMIZER_ARGS)}")
@@ -739,9 +745,11 @@ def search(space: Mapping[str, Any], X, y, *, validation_data: "tuple[Any, Any] 
         :data:`SETTINGS_DEFAULTS`): ``hidden`` (tuple of widths) or
         ``n_layers`` and ``units``; ``activation``, ``batchnorm``,
         ``keep_prob``, ``l2``, ``l2_scale``, ``optimizer``, ``lr``, ``beta``,
-        ``beta1``, ``beta2``, ``eps``, ``batch_size``, ``epochs``,
+        ``beta1``, ``beta2``, ``eps``, ``momentum`` and ``nesterov``
+        (``optimizer='classical_momentum'``), ``batch_size``, ``epochs``,
         ``schedule`` (and ``decay_rate``, ``base``, ``k``, ``factor``,
-        ``every``), ``patience``.
+        ``every``), ``patience``, ``precision`` (``'fp32'``/``'bf16'``,
+        e.g. ``Choice(['fp32', 'bf16'])``).
     X, y : arrays
         Training data (standardise X first, e.g. with :class:`fastdl.data.Standardizer`).
     validation_data : (X_dev, y_dev), optional

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import time
 import sys
 from pathlib import Path
 
@@ -287,3 +288,27 @@ def test_export_onnx_without_the_extra_fails_before_training(monkeypatch, capsys
     captured = capsys.readouterr()
     assert rc == 2 and 'pip install "fastdl[onnx]"' in captured.err
     assert "trained" not in captured.out
+
+
+def test_compilation_time_is_not_training_time(monkeypatch, capsys):
+    """The reported training time and throughput exclude History.compile_time (the one-time Numba JIT)."""
+    import types
+
+    import fastdl.cli as cli
+
+    clock = [100.0]
+    monkeypatch.setattr(cli, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    real_fit = fd.Sequential.fit
+
+    def fit_taking_10s_of_which_4_compiling(self, *args, **kwargs):
+        history = real_fit(self, *args, **kwargs)
+        clock[0] += 10.0
+        history.compile_time = 4.0
+        return history
+
+    monkeypatch.setattr(fd.Sequential, "fit", fit_taking_10s_of_which_4_compiling)
+    assert cli.main(["train", "--epochs", "1", "--hidden", "8", "--verbose", "0", "--backend", "reference"]) == 0
+    out = capsys.readouterr().out
+    n_train = int(re.search(r"split train/dev/test = (\d+)/", out).group(1))
+    assert f"trained 1 epochs in 6.00 s ({n_train / 6.0:,.0f} examples/s" in out, out
+    assert "+ 4.00 s one-time compilation" in out

@@ -384,3 +384,17 @@ def test_rounds_are_numbered_from_1_in_the_log_and_the_table(digits, capsys):
     best = min(r.trials, key=lambda t: (t.score, t.id))
     assert f"best so far trial {best.id} (round {best.round})" in log
     assert r.to_records()[0]["round"] == 1
+
+
+def test_precision_and_classical_momentum_settings(digits):
+    Xtr, ytr, Xdv, ydv = digits
+    space = {"precision": Choice(["fp32", "bf16"]), "optimizer": "classical_momentum", "momentum": 0.8,
+             "lr": 0.05, "epochs": 1, "units": 16}
+    r = search(space, Xtr[:200], ytr[:200], validation_data=(Xdv, ydv), n_trials=4, seed=1, n_jobs=1,
+               backend="reference", refit=False)
+    assert {t.settings["precision"] for t in r.trials} <= {"fp32", "bf16"}
+    assert all(t.status == "ok" and t.dev_error < 0.9 for t in r.trials)
+    # float64 cannot train in bf16: refused before any trial runs
+    with pytest.raises(ValueError, match="bf16"):
+        search({"precision": "bf16", "epochs": 1}, Xtr[:50], ytr[:50], validation_data=(Xdv, ydv), n_trials=1,
+               n_jobs=1, backend="reference", dtype="float64")
