@@ -17,8 +17,9 @@ or any per-feature affine scaler, e.g. scikit-learn's ``StandardScaler``)
 the graph starts with ``Mul`` + ``Add`` applying it, so ``input`` takes raw
 features; otherwise ``input`` takes what ``predict`` takes. Outputs: ``logits`` (the last layer's raw outputs) and
 ``probabilities`` (``Softmax`` for softmax cross-entropy, ``(batch, 2)``
-``[1 - p, p]`` for binary cross-entropy, like ``predict_proba``); an MSE
-model has the single output ``outputs``. Weights are float32 whatever
+``[1 - p, p]`` for binary cross-entropy with one output, ``(batch, k)``
+sigmoids for k labels: like ``predict_proba``); an MSE model has the single
+output ``outputs``. Weights are float32 whatever
 dtype or precision the model trained in.
 
 Usage::
@@ -189,6 +190,9 @@ def to_model_proto(model: Any, *, opset: int = DEFAULT_OPSET, fold_batchnorm: bo
         nodes.append(helper.make_node("Identity", [x], ["logits"], name="logits"))
         if loss == "softmax_cross_entropy":
             nodes.append(helper.make_node("Softmax", ["logits"], ["probabilities"], name="softmax", axis=1))
+            n_proba = n_out
+        elif loss == "binary_cross_entropy" and n_out > 1:  # multilabel: one probability per label
+            nodes.append(helper.make_node("Sigmoid", ["logits"], ["probabilities"], name="sigmoid"))
             n_proba = n_out
         elif loss == "binary_cross_entropy":
             nodes.append(helper.make_node("Sigmoid", ["logits"], ["p1"], name="sigmoid"))

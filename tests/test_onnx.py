@@ -220,3 +220,35 @@ def test_standardizer_must_fit_the_model():
         fd.onnx.to_model_proto(model, standardizer=Squares())
     with pytest.raises(TypeError, match="transform"):
         fd.onnx.to_model_proto(model, standardizer=object())
+
+
+def test_multilabel_binary_cross_entropy(tmp_path):
+    rng = np.random.default_rng(3)
+    X = rng.normal(size=(64, 6))
+    Y = (X[:, :3] + 0.3 * rng.normal(size=(64, 3)) > 0).astype(np.float64)
+    try:
+        model = _trained([fd.Dense(6, 12), fd.Tanh(), fd.Dense(12, 3)], "binary_cross_entropy", X, Y)
+    except (ValueError, NotImplementedError) as exc:
+        pytest.skip(f"multilabel binary cross-entropy not available: {exc}")
+    path = tmp_path / "multilabel.onnx"
+    model.to_onnx(path)
+    out = _run(path, X)
+    proba = model.predict_proba(X)
+    assert out["probabilities"].shape == proba.shape == (64, 3)
+    assert np.abs(out["probabilities"] - proba).max() <= 1e-5
+
+
+@pytest.mark.parametrize("opset", [13, 17, "newest"])
+def test_opsets(tmp_path, opset):
+    opset = onnx.defs.onnx_opset_version() if opset == "newest" else opset
+    X, y = _data("softmax_cross_entropy")
+    model = _trained(_all_layer_types(X.shape[1], 4), "softmax_cross_entropy", X, y)
+    path = tmp_path / f"op{opset}.onnx"
+    try:
+        model.to_onnx(path, opset=opset)
+        out = _run(path, X)
+    except Exception as exc:  # onnxruntime may not know the newest opset of the installed onnx yet
+        if opset > 17 and "opset" in str(exc).lower():
+            pytest.skip(f"onnxruntime {ort.__version__} does not run opset {opset}: {exc}")
+        raise
+    assert np.abs(out["probabilities"] - model.predict_proba(X)).max() <= 1e-5
