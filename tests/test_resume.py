@@ -222,3 +222,26 @@ def checkpoint_info_safe(path: Path) -> int:
         return int(checkpoint_info(path)["next_epoch"])
     except Exception:  # noqa: BLE001 - a file being replaced at this moment
         return -1
+
+
+def test_checkpoint_every_and_the_final_save(tmp_path: Path, monkeypatch) -> None:
+    import fastdl.checkpoint as C
+
+    saved = []
+    real = C.save_checkpoint
+
+    def spy(*a, **k):
+        saved.append((k["next_epoch"], k["finished"], [d["type"] for d in k["callback_states"]]))
+        real(*a, **k)
+
+    monkeypatch.setattr(C, "save_checkpoint", spy)
+    data = _quickstart_data()
+    ckpt = tmp_path / "run.ckpt"
+    Xtr, ytr, _, _ = data
+    _quickstart_model().fit(Xtr, ytr, epochs=7, checkpoint=ckpt, checkpoint_every=3, callbacks=[fd.Callback()])
+    assert saved == [(3, False, []), (6, False, []), (7, True, [])]
+    saved.clear()
+    with pytest.raises(Crash):  # a crash: no final save, the last periodic one stays
+        _fit(_quickstart_model(), data, tmp_path / "b.ckpt", callbacks=[fd.EarlyStopping(), CrashAt(4)], epochs=9)
+    assert saved == [(1, False, ["EarlyStopping"]), (2, False, ["EarlyStopping"]), (3, False, ["EarlyStopping"]),
+                     (4, False, ["EarlyStopping"])]
