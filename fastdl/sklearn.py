@@ -31,7 +31,6 @@ trust. fastdl's own model files (``model_.save``) stay pickle-free.
 from __future__ import annotations
 
 import copy
-import inspect
 import math
 import numbers
 import warnings
@@ -183,8 +182,8 @@ class NoImprovementStopping(Callback):
 
 
 class _ScikitSGD(_optim.Optimizer):
-    """TEMPORARY SHIM (until fd.ClassicalMomentum lands, helper P1): scikit-learn's SGD momentum rule
-    ``v = mu v - lr g; p += mu v - lr g`` (Nesterov) or ``p += v`` in NumPy."""
+    """scikit-learn's SGD rule for ``momentum=1.0``, which scikit-learn accepts and ``fd.ClassicalMomentum``
+    refuses (``[0, 1)``): ``v = mu v - lr g; p += mu v - lr g`` (Nesterov) or ``p += v``, in NumPy."""
 
     state_names = ("v",)
 
@@ -254,13 +253,6 @@ def _check_sample_weight(sample_weight, n: int, dtype=np.float64) -> np.ndarray 
     if sw.sum() <= 0:
         raise ValueError("Sample weights must contain at least one non-zero number (all weights are zero).")
     return np.ascontiguousarray(sw)
-
-
-def _supports_kw(fn, name: str) -> bool:
-    try:
-        return name in inspect.signature(fn).parameters
-    except (TypeError, ValueError):  # pragma: no cover
-        return False
 
 
 class _Diverged(Exception):
@@ -364,21 +356,9 @@ class _BaseMLP(BaseEstimator):
             if keep_probs[i] < 1.0:
                 layers.append(Dropout(keep_prob=keep_probs[i]))
         layers.append(Dense(layer_units[-2], layer_units[-1]))
-        kw: dict[str, Any] = {}
-        if self.precision != "fp32":
-            if not _supports_kw(Sequential, "precision"):
-                raise NotImplementedError(f"precision={self.precision!r} needs fastdl's bf16 support "
-                                          "(Sequential(precision=...)), which this fastdl lacks")
-            kw["precision"] = self.precision
-        try:
-            return Sequential(layers, loss=self._fd_loss(layer_units[-1]), l2=float(self.alpha),
-                              dtype=np.dtype(dtype).name, backend=self.backend, seed=seed, **kw)
-        except ValueError as exc:
-            if self._fd_loss(layer_units[-1]) == "binary_cross_entropy" and layer_units[-1] > 1:
-                # TEMPORARY SHIM: multilabel needs binary_cross_entropy with k outputs (requested from P1)
-                raise NotImplementedError("multilabel classification needs fastdl's binary_cross_entropy "
-                                          f"with several outputs, which this fastdl lacks ({exc})") from exc
-            raise
+        kw: dict[str, Any] = {"precision": self.precision} if self.precision != "fp32" else {}
+        return Sequential(layers, loss=self._fd_loss(layer_units[-1]), l2=float(self.alpha),
+                          dtype=np.dtype(dtype).name, backend=self.backend, seed=seed, **kw)
 
     def _bind_attributes(self) -> None:
         """``coefs_``/``intercepts_``: views of the model's flat parameters (edits write through)."""
@@ -514,11 +494,9 @@ class _BaseMLP(BaseEstimator):
             return _optim.Adam(lr, beta1=self.beta_1, beta2=self.beta_2, eps=self.epsilon, backend=backend)
         if self.solver == "rmsprop":
             return _optim.RMSprop(lr, beta2=self.beta_2, eps=self.epsilon, backend=backend)
-        cm = getattr(_optim, "ClassicalMomentum", None)
-        if cm is not None and self.momentum < 1.0:
-            return cm(lr, momentum=self.momentum, nesterov=bool(self.nesterovs_momentum), backend=backend)
-        if self.momentum == 0.0:
-            return _optim.SGD(lr, backend=backend)
+        if self.momentum < 1.0:  # scikit-learn's rule (classical or Nesterov), the same update as its MLP
+            return _optim.ClassicalMomentum(lr, momentum=self.momentum, nesterov=bool(self.nesterovs_momentum),
+                                            backend=backend)
         return _ScikitSGD(lr, momentum=self.momentum, nesterov=bool(self.nesterovs_momentum), backend=backend)
 
     @property
@@ -578,12 +556,6 @@ class _BaseMLP(BaseEstimator):
         if not sp.issparse(X_train):
             X_train = np.ascontiguousarray(X_train, dtype=model.dtype)
         t_train = np.ascontiguousarray(t_train)
-        weights_kw = _supports_kw(model._loss_and_grads, "weights")
-        if sw_train is not None and not weights_kw:
-            # TEMPORARY SHIM: per-example weights arrive with helper P1's _loss_and_grads(weights=...)
-            if not np.all(sw_train == sw_train[0]):
-                raise NotImplementedError("sample_weight needs fastdl's weighted losses (in progress)")
-            sw_train = None
         lr_rule = self.learning_rate if self.solver in ("sgd", "rmsprop") else "constant"
         runner = self._epoch_runner(model, opt, X_train, bs)
         self.n_iter_ = 0
@@ -720,11 +692,6 @@ class _BaseMLP(BaseEstimator):
         model = self.model_
         has_bn = any(isinstance(lay, BatchNorm) for lay in model.layers)
         n = X.shape[0]
-        weights_kw = _supports_kw(model._loss_and_grads, "weights")
-        if sw is not None and not weights_kw:
-            if not np.all(sw == sw[0]):  # TEMPORARY SHIM: see _fit_stochastic
-                raise NotImplementedError("sample_weight needs fastdl's weighted losses (in progress)")
-            sw = None
         # chunks bound the workspace on big or sparse inputs; BatchNorm and weights need the whole batch
         chunk = n if (has_bn or sw is not None) else max(PREDICT_CHUNK, 1)
         spans = [(s, min(s + chunk, n)) for s in range(0, n, chunk)]
