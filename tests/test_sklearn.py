@@ -324,3 +324,23 @@ def test_no_improvement_stopping_in_fastdl_fit_and_resume(tmp_path):
     m2, opt2, cb2, _ = run(6, ck, resume=True)
     np.testing.assert_array_equal(m2.params, model.params)
     assert opt2.lr == opt.lr and cb2.no_improvement_count == cb.no_improvement_count and cb2.best == cb.best
+
+
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_multilabel_and_binary_follow_sklearn(backend):
+    from sklearn.datasets import make_multilabel_classification
+
+    X, Y = make_multilabel_classification(n_samples=150, random_state=0, return_indicator=True)
+    kw = dict(hidden_layer_sizes=(12,), solver="sgd", max_iter=5, random_state=0, learning_rate_init=0.05,
+              batch_size=32)
+    for y in (Y, Y[:, 0]):     # multilabel (one logistic output per label), binary (one output)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            ours = MLPClassifier(backend=backend, **kw).fit(X, y)
+            ref = skn.MLPClassifier(**kw).fit(X, y)
+        assert ours.out_activation_ == ref.out_activation_ == "logistic"
+        for a, b in zip(ours.coefs_ + ours.intercepts_, ref.coefs_ + ref.intercepts_):
+            np.testing.assert_allclose(a, b, rtol=0, atol=1e-9)
+        p = ours.predict_proba(X)
+        assert p.shape == (len(X), Y.shape[1] if y.ndim == 2 else 2)
+        np.testing.assert_array_equal(ours.predict(X), ref.predict(X))
