@@ -109,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write learning curves (cost, error, mini-batch cost with its EWA, lr, gradient norms) "
                    "to this image, e.g. curves.png (needs pip install 'fastdl[plot]')")
     _add_search_parser(sub)
+    _add_export_parser(sub)
     return p
 
 
@@ -336,6 +337,45 @@ def search_command(args) -> int:
     return 0
 
 
+# ------------------------------------------------------------- fastdl export-onnx
+def _add_export_parser(sub) -> None:
+    e = sub.add_parser(
+        "export-onnx", help="convert a saved model (fastdl train/search --save) to ONNX for inference",
+        formatter_class=_HelpFormatter,
+        description="Write the inference graph of a saved fastdl model as ONNX (float32, dynamic batch; outputs "
+        "logits and probabilities). The standardizer saved with the model by `fastdl train --save` goes into "
+        "the graph, so the ONNX model takes raw features. Needs pip install 'fastdl[onnx]'.")
+    e.add_argument("model", metavar="MODEL", help="a model file written by fastdl (model.save, --save)")
+    e.add_argument("output", metavar="OUTPUT", help="the ONNX file to write, e.g. model.onnx")
+    e.add_argument("--opset", type=int, default=17, help="ONNX operator set version (13 or newer)")
+    e.add_argument("--standardizer", action=argparse.BooleanOptionalAction, default=True,
+                   help="put the model file's saved standardizer into the graph; --no-standardizer exports a "
+                   "graph that takes standardised features")
+    e.add_argument("--fold-batchnorm", action=argparse.BooleanOptionalAction, default=True,
+                   help="fold BatchNorm into the preceding Gemm; --no-fold-batchnorm keeps BatchNormalization "
+                   "nodes")
+
+
+def export_command(args) -> int:
+    """``fastdl export-onnx MODEL OUTPUT``: a saved model (and its standardizer) to ONNX."""
+    from .io import load_metadata, load_model
+    from .onnx import _import_onnx
+
+    _import_onnx()
+    model = load_model(args.model, backend="reference")  # export reads parameters only: no kernels needed
+    scaler = None
+    if args.standardizer:
+        meta = load_metadata(args.model) or {}
+        if "standardizer" in meta:
+            scaler = Standardizer.from_dict(meta["standardizer"])
+    model.to_onnx(args.output, opset=args.opset, fold_batchnorm=args.fold_batchnorm, standardizer=scaler)
+    what = ("raw features (the saved standardizer is in the graph)" if scaler is not None else
+            "standardised features" + (" (the model file has no standardizer)" if args.standardizer else ""))
+    print(f"wrote {args.output}: {model.n_features} inputs -> {model.n_outputs} outputs, loss "
+          f"{model.loss.name}; input: {what}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fastdl`` console script."""
     args = build_parser().parse_args(argv)
@@ -344,6 +384,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return train(args)
         if args.command == "search":
             return search_command(args)
+        if args.command == "export-onnx":
+            return export_command(args)
     except (ValueError, TypeError, FileNotFoundError, BackendUnavailable, DistributedError, ImportError,
             NotImplementedError) as exc:
         print(f"fastdl {args.command}: error: {exc}", file=sys.stderr)

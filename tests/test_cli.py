@@ -213,13 +213,13 @@ def _subparsers():
     return sub.choices
 
 
-@pytest.mark.parametrize("command", ["train", "search"])
+@pytest.mark.parametrize("command", ["train", "search", "export-onnx"])
 def test_every_option_has_help_and_shows_its_default(command):
     parser = _subparsers()[command]
     formatter = parser.formatter_class(prog="fastdl")
     for action in parser._actions:
-        if action.option_strings == ["-h", "--help"]:
-            continue
+        if action.option_strings == ["-h", "--help"] or not action.option_strings:
+            continue  # positional arguments have no default
         assert action.help and len(action.help) >= 8, f"{action.option_strings} has no help"
         text = formatter._get_help_string(action)
         assert "default:" in text, f"{action.option_strings}: {text!r}"
@@ -312,3 +312,23 @@ def test_compilation_time_is_not_training_time(monkeypatch, capsys):
     n_train = int(re.search(r"split train/dev/test = (\d+)/", out).group(1))
     assert f"trained 1 epochs in 6.00 s ({n_train / 6.0:,.0f} examples/s" in out, out
     assert "+ 4.00 s one-time compilation" in out
+
+
+def test_export_onnx_command(tmp_path, capsys):
+    ort = pytest.importorskip("onnxruntime", reason='needs pip install "fastdl[onnx]"')
+    model_path, raw_onnx, std_onnx = tmp_path / "m.fdl", tmp_path / "raw.onnx", tmp_path / "std.onnx"
+    assert main(["train", "--epochs", "2", "--verbose", "0", "--hidden", "16", "--save", str(model_path)]) == 0
+    capsys.readouterr()
+    assert main(["export-onnx", str(model_path), str(raw_onnx)]) == 0
+    assert "input: raw features" in capsys.readouterr().out
+    assert main(["export-onnx", str(model_path), str(std_onnx), "--no-standardizer", "--opset", "13"]) == 0
+    model = fd.load(model_path, backend="reference")
+    std = fd.data.Standardizer.from_dict(load_metadata(model_path)["standardizer"])
+    raw = fd.datasets.load_digits()[0][:40].astype(np.float32)
+    expected = model.predict_proba(std.transform(raw))
+    for path, x in ((raw_onnx, raw), (std_onnx, std.transform(raw).astype(np.float32))):
+        proba = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(["probabilities"],
+                                                                                         {"input": x})[0]
+        assert np.abs(proba - expected).max() <= 1e-5
+    assert main(["export-onnx", str(tmp_path / "missing.fdl"), str(raw_onnx)]) == 2
+    assert "missing.fdl" in capsys.readouterr().err
