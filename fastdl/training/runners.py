@@ -246,6 +246,7 @@ class DataParallelRunner(PerLayerRunner):
             raise ValueError("sample_weight is not supported with distributed training")
         self._local = setup.dp.local_spans()  # this rank's shard of every global batch
         super().__init__(setup)
+        self.spans = self._local  # one entry per global batch (this rank's rows of it; maybe empty)
         self.row_counts = np.array([float(e - s) for s, e in self._local])
 
     def _spans(self) -> list[tuple[int, int]]:
