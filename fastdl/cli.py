@@ -35,7 +35,8 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if "default:" in text or action.default is argparse.SUPPRESS or action.option_strings == ["-h", "--help"]:
+        if ("default:" in text or action.default is argparse.SUPPRESS or action.option_strings == ["-h", "--help"]
+                or not action.option_strings):  # positionals are required: no default to show
             return text
         if action.default is None:
             return text + " (default: off)"

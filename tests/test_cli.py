@@ -225,6 +225,9 @@ def test_every_option_has_help_and_shows_its_default(command):
         assert "default:" in text, f"{action.option_strings}: {text!r}"
     help_text = parser.format_help()
     assert "default: None" not in help_text and "default: [" not in help_text
+    for action in parser._actions:
+        if not action.option_strings:  # a required positional shows no default
+            assert "default:" not in formatter._get_help_string(action)
     # options are never broken at their hyphen across lines ("--no-\nbatchnorm")
     assert not re.search(r"--[a-z]+-\n", help_text)
 
