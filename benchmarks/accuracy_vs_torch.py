@@ -33,7 +33,7 @@ import numpy as np  # noqa: E402
 
 ARCHS: dict[str, peers.Arch] = {
     "64-128-64-10 ReLU": peers.Arch((64, 128, 64, 10)),
-    "64-128-64-10 BN+ReLU+Dropout(0.8), L2 1e-4": peers.Arch((64, 128, 64, 10), bn_dropout=True, keep=0.8,
+    "64-128-64-10 BN+ReLU+Dropout(keep_prob=0.8), L2 1e-4": peers.Arch((64, 128, 64, 10), bn_dropout=True, keep=0.8,
                                                              l2=1e-4),
 }
 TOLERANCE_POINTS = 1.0
