@@ -811,9 +811,11 @@ class _BaseMLP(BaseEstimator):
     # ------------------------------------------------------------ pickling
     def __getstate__(self):
         state = self.__dict__.copy()
+        views = self._attributes_are_views()
         model = state.pop("model_", None)
-        state.pop("coefs_", None)
-        state.pop("intercepts_", None)
+        if views:  # rebuilt as views of the restored model (pickle would store independent copies)
+            state.pop("coefs_", None)
+            state.pop("intercepts_", None)
         if model is not None:
             state["_fastdl_model"] = {"config": model.get_config(), "backend": model.backend_name,
                                       "params": model.params.copy(), "state": model.state.copy(),
@@ -834,7 +836,8 @@ class _BaseMLP(BaseEstimator):
             model.state[...] = saved["state"]
             model.step_count = saved["step_count"]
             self.model_ = model
-            self._bind_attributes()
+            if "coefs_" not in state:
+                self._bind_attributes()
 
     # ------------------------------------------------------------ misc
     def partial_fit_available(self) -> bool:  # pragma: no cover - helper for available_if-like checks
