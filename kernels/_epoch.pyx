@@ -31,11 +31,12 @@ from fastdl._kernels._batchnorm cimport bn_backward_c, bn_forward_train_c, bn_wo
 from fastdl._kernels._dense cimport activation_backward_c, activation_forward_c, dense_backward_c, dense_forward_c
 from fastdl._kernels._dropout cimport dropout_backward_c, dropout_forward_c, dropout_key_c
 from fastdl._kernels._losses cimport bce_c, loss_buffer_size, mse_c, sce_c, seq_sum
-from fastdl._kernels._optim cimport any_nonfinite_c, opt_step_c, ssq_partials, sum_squares_c
+from fastdl._kernels._optim cimport any_nonfinite_c, opt_step_c, opt_step_ssq_c, ssq_partials, sum_squares_c
 
 import numpy as np
 
 from fastdl import plan as _plan
+from fastdl._kernels._optim import update_tasks
 
 cnp.import_array()
 
@@ -106,7 +107,9 @@ cdef struct Run:
     double* wbuf
     double* rowbuf          # per-row losses / partial sums of the loss
     double* bnwork          # BatchNorm scratch
-    double* ssqbuf          # sum_squares partials
+    double* ssqbuf          # sum_squares partials (one per BLOCK of every W)
+    const int64_t* tasks    # the optimiser step's blocks (_optim.update_tasks), with L2
+    Py_ssize_t n_tasks
     # results
     Py_ssize_t steps
     Py_ssize_t wrong
@@ -207,8 +210,13 @@ cdef void run_epoch_c(Run* r, real* typed) noexcept nogil:
     cdef Py_ssize_t n_batches = (r.n_rows + B - 1) // B
     cdef Py_ssize_t bi, s0, m, i, c, src, wrong = 0
     cdef int max_nt = fastdl_max_threads(), d, bad
-    cdef double loss, sw = 0.0, m_l2, l2_term, ss, part, J
+    cdef double loss, sw = 0.0, m_l2, l2_term, ss = 0.0, part, J
     cdef const double* wp = NULL
+    if r.l2 != 0.0:
+        # sum ||W||^2 of the first step; each optimiser step then returns that of the next one
+        for d in range(r.n_dense):
+            sum_squares_c(params + r.dense[2 * d], r.dense[2 * d + 1] - r.dense[2 * d], &part, r.ssqbuf)
+            ss = ss + part
     for bi in range(n_batches):
         s0 = bi * B
         m = r.n_rows - s0 if r.n_rows - s0 < B else B
@@ -242,10 +250,6 @@ cdef void run_epoch_c(Run* r, real* typed) noexcept nogil:
         backward(r, xb, m, r.l2 / m_l2 if (r.l2 != 0.0 and m_l2 != 0.0) else 0.0)
         l2_term = 0.0
         if r.l2 != 0.0 and m_l2 != 0.0:
-            ss = 0.0
-            for d in range(r.n_dense):
-                sum_squares_c(params + r.dense[2 * d], r.dense[2 * d + 1] - r.dense[2 * d], &part, r.ssqbuf)
-                ss += part
             l2_term = r.l2 / (2.0 * m_l2) * ss
         J = loss + l2_term
         r.costs[bi] = J
@@ -264,8 +268,12 @@ cdef void run_epoch_c(Run* r, real* typed) noexcept nogil:
             r.wrong = wrong
             r.status = 1
             return
-        opt_step_c(r.opt_kind, params, grads, <real*>r.v, <real*>r.s, r.n_params, r.beta1, r.beta2, r.opt_eps,
-                   r.c1[bi], r.c2[bi])
+        if r.l2 != 0.0:   # the update and the next step's sum ||W||^2 in one pass over params
+            opt_step_ssq_c(r.opt_kind, params, grads, <real*>r.v, <real*>r.s, r.n_params, r.beta1, r.beta2,
+                           r.opt_eps, r.c1[bi], r.c2[bi], r.tasks, r.n_tasks, r.dense, r.n_dense, r.ssqbuf, &ss)
+        else:
+            opt_step_c(r.opt_kind, params, grads, <real*>r.v, <real*>r.s, r.n_params, r.beta1, r.beta2,
+                       r.opt_eps, r.c1[bi], r.c2[bi])
     r.steps = n_batches
     r.wrong = wrong
     r.status = 2 if any_nonfinite_c(params, r.n_params) else 0
@@ -293,7 +301,7 @@ cdef class CythonEpochExecutor:
     cdef readonly object opt_spec
     cdef readonly Py_ssize_t batch_size
     cdef readonly object dtype
-    cdef object ws, masks, xbuf, ybuf, wbuf, dense
+    cdef object ws, masks, xbuf, ybuf, wbuf, dense, tasks
     cdef Py_ssize_t dlog_off
 
     def __cinit__(self):
@@ -365,6 +373,7 @@ cdef class CythonEpochExecutor:
                      else np.zeros(batch_size * plan.n_outputs, dt))
         self.wbuf = np.zeros(batch_size, np.float64)
         self.dense = np.ascontiguousarray(plan.dense_weights, np.int64).reshape(-1, 2)
+        self.tasks = update_tasks(plan.n_params, self.dense)
         self.dlog_off = plan.dlogits_offset(batch_size)
 
     def __dealloc__(self):
@@ -427,8 +436,7 @@ cdef class CythonEpochExecutor:
         for j in range(self.n_ops):
             if self.ops[j].kind == OP_BATCHNORM:
                 bn_need = max(bn_need, bn_work_size(self.ops[j].n_out))
-        for a, b in self.dense.tolist():
-            ssq_need = max(ssq_need, ssq_partials(b - a))
+        ssq_need = max(ssq_need, sum(ssq_partials(b - a) for a, b in self.dense.tolist()))
         rowbuf = np.empty(loss_buffer_size(B, k), np.float64)
         bnwork = np.empty(bn_need, np.float64)
         ssqbuf = np.empty(ssq_need, np.float64)
@@ -476,6 +484,8 @@ cdef class CythonEpochExecutor:
         r.rowbuf = <double*>data(rowbuf)
         r.bnwork = <double*>data(bnwork)
         r.ssqbuf = <double*>data(ssqbuf)
+        r.tasks = <const int64_t*>data(self.tasks)
+        r.n_tasks = self.tasks.shape[0]
         r.steps = r.wrong = 0
         r.status = 0
         with nogil:

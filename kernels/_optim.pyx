@@ -17,10 +17,13 @@ elements (blocks in parallel, partial sums added in block order): the result
 is the same whatever the number of threads.
 """
 cimport numpy as cnp
+from libc.stdint cimport int64_t
 from cython.parallel cimport prange
 from libc.stdlib cimport free, malloc
 
 from _kernel_common cimport chunk_size, data, dim, is_float, nthreads, r_sqrt, real, row_sumsq, rtype, tc_void, wtype
+
+import numpy as np
 
 from fastdl.backends import reference as _ref
 
@@ -146,6 +149,75 @@ cdef void opt_step_c(int kind, real* p, const real* g, real* v, real* s, Py_ssiz
         lo = k * per
         if lo < n:
             run_chunk(kind, p, g, v, s, lo, min(per, n - lo), b1, o1, b2, o2, e, k1, k2)
+
+
+cdef inline void update_task(int kind, real* p, const real* g, real* v, real* s, const int64_t* task, real b1,
+                             real o1, real b2, real o2, real e, real k1, real k2, double* partial) noexcept nogil:
+    cdef Py_ssize_t lo = task[0], ln = task[1]
+    run_chunk(kind, p, g, v, s, lo, ln, b1, o1, b2, o2, e, k1, k2)
+    if task[2] >= 0:
+        if task[3]:
+            sumsq_blocks(p + lo, ln, 0, 1, partial + task[2])
+        else:
+            partial[task[2]] = row_sumsq(p + lo, ln)
+
+
+cdef void opt_step_ssq_c(int kind, real* p, const real* g, real* v, real* s, Py_ssize_t n, double beta1,
+                         double beta2, double eps, double c1, double c2, const int64_t* tasks, Py_ssize_t n_tasks,
+                         const int64_t* dense, int n_dense, double* partial, double* ss) noexcept nogil:
+    """``opt_step_c`` that also returns ``ss`` = sum over the Dense weights of sum_squares(W) AFTER the update.
+
+    The L2 term of the next step, without another pass over W from memory: each block of a W is
+    updated and then summed (``row_sumsq``) while it is still in cache. The sum is bit-identical
+    to ``((0.0 + sum_squares_c(W_0)) + sum_squares_c(W_1)) + ...`` (the per-layer executor's):
+    the same BLOCK-element blocks, the same ``row_sumsq``, partials added in block order.
+    ``tasks`` (n_tasks, 4): [start, length, block index into ``partial`` or -1, 1 if the block's W
+    has several blocks] covering params, made by :func:`update_tasks`; ``dense`` (n_dense, 2):
+    [start, stop) of each W. Each block is summed by the very function ``sum_squares_c`` uses for
+    it (the cloned ``sumsq_blocks`` for multi-block arrays, the inline ``row_sumsq`` otherwise), so
+    the same instructions (FMA or not) produce it.
+    """
+    cdef int nt = nthreads(n, GRAIN_SQRT if (kind == OPT_RMSPROP or kind == OPT_ADAM) else GRAIN_STREAM)
+    cdef Py_ssize_t t, lo, ln, bi, d, b, nb, k = 0
+    cdef real b1 = <real>beta1, o1 = <real>(1.0 - beta1), b2 = <real>beta2, o2 = <real>(1.0 - beta2)
+    cdef real e = <real>eps, k1 = <real>c1, k2 = <real>c2
+    cdef double total, acc = 0.0
+    if nt == 1:
+        for t in range(n_tasks):
+            update_task(kind, p, g, v, s, tasks + 4 * t, b1, o1, b2, o2, e, k1, k2, partial)
+    else:
+        for t in prange(n_tasks, num_threads=nt, schedule='dynamic'):
+            update_task(kind, p, g, v, s, tasks + 4 * t, b1, o1, b2, o2, e, k1, k2, partial)
+    for d in range(n_dense):
+        nb = (dense[2 * d + 1] - dense[2 * d] + BLOCK - 1) // BLOCK
+        total = 0.0
+        for b in range(nb):
+            total += partial[k + b]
+        k += nb
+        acc = acc + total
+    ss[0] = acc
+
+
+def update_tasks(n_params: int, dense) -> np.ndarray:
+    """The (start, length, block, multi) tasks of :func:`opt_step_ssq_c` for params of ``n_params`` elements.
+
+    ``dense``: (k, 2) [start, stop) of the Dense weights, ascending and disjoint. Each W is cut into
+    BLOCK-element blocks (numbered in order: the partials' index); the gaps (biases, BatchNorm
+    parameters) are split into pieces of at most BLOCK elements too (load balance).
+    """
+    rows, pos, blk = [], 0, 0
+    for a, b in np.asarray(dense, np.int64).reshape(-1, 2).tolist():
+        if a < pos or b < a or b > n_params:
+            raise ValueError(f"Dense weight range [{a}, {b}) is not ascending/disjoint within {n_params} params")
+        for lo in range(pos, a, BLOCK):
+            rows.append((lo, min(BLOCK, a - lo), -1, 0))
+        for lo in range(a, b, BLOCK):
+            rows.append((lo, min(BLOCK, b - lo), blk, int(b - a > BLOCK)))
+            blk += 1
+        pos = b
+    for lo in range(pos, n_params, BLOCK):
+        rows.append((lo, min(BLOCK, n_params - lo), -1, 0))
+    return np.array(rows, np.int64).reshape(-1, 4)
 
 
 cdef Py_ssize_t ssq_partials(Py_ssize_t n) noexcept nogil:

@@ -34,7 +34,7 @@ from fastdl.backends.contract import KERNELS, RELU, SIGMOID, TANH
 cy = pytest.importorskip("fastdl.backends.cython_backend", reason="Cython extensions not built")
 
 ROOT = Path(__file__).resolve().parents[1]
-EXT_MODULES = ("_blas", "_dense", "_batchnorm", "_losses", "_dropout", "_optim")
+EXT_MODULES = ("_blas", "_dense", "_batchnorm", "_losses", "_dropout", "_optim", "_epoch")
 
 # Run in a fresh interpreter against the package under ``root``: drop the
 # editable-install finder (it would map ``fastdl`` back to the source tree).
@@ -334,15 +334,28 @@ for dt in (np.float32, np.float64):
     p0, gr = R(1001), R(1001)
     for be in (cy, ref):
         p = p0.copy()
-        st = [np.zeros(1001, dt) for _ in range(4)]
+        st = [np.zeros(1001, dt) for _ in range(5)]
         for t in (1, 2):
             be.sgd_step(p, gr, 0.1)
-            be.momentum_step(p, gr, st[0], 0.1, 0.9, t, True)
+            be.momentum_step(p, gr, st[0], 0.9, 0.1 / (1 - 0.9 ** t))
             be.rmsprop_step(p, gr, st[1], 0.01, 0.99, 1e-8)
-            be.adam_step(p, gr, st[2], st[3], 0.01, 0.9, 0.999, 1e-8, t)
+            be.adam_step(p, gr, st[2], st[3], 0.9, 0.999, 1e-8, 0.01 / (1 - 0.9 ** t), 1 / (1 - 0.999 ** t))
+            be.nesterov_step(p, gr, st[4], 0.9, 0.01, t == 1)
         res.append((p, *st, np.array([be.sum_squares(p)])))
     for x, y2 in zip(*res):
         close(x, y2, dt)
+# the whole-epoch executor runs from this build too
+model = fastdl.Sequential([fastdl.Dense(12, 16), fastdl.BatchNorm(16), fastdl.ReLU(),
+                           fastdl.Dropout(keep_prob=0.8), fastdl.Dense(16, 12)], backend="cython", l2=0.1)
+opt = fastdl.optim.Adam()
+ex = cy.epoch_executor(model.plan, 32, opt.spec())
+v, s = opt.ensure_state(model.params)
+from fastdl.plan import step_coefficients
+c1, c2 = step_coefficients(opt.spec(), np.full(10, 1e-3), 0)
+costs, losses = np.empty(10), np.empty(10)
+done, wrong, status = ex.run_epoch(L.astype(np.float32), y, np.empty(0), rng.permutation(300), model.params,
+                                   model.grads, model.state, v, s, c1, c2, 0, 0, 300, costs, losses)
+assert (done, status) == (10, 0) and np.isfinite(costs).all(), (done, status)
 print("KERNELS OK", openmp_enabled(), cy.build_info()["openmp"])
 """
 

@@ -189,6 +189,16 @@ def test_wide_layers_above_parallel_thresholds(dtype):
              k=10, keep=0.7, l2=0.01)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("opt_name", ["adam", "sgd"])
+def test_l2_sum_folded_into_the_update_multiblock_serial(opt_name, dtype):
+    # a 300x300 W (> one 65536-element block of the L2 sum) in a model small enough for a serial
+    # optimiser step: the executor's folded sum ||W||^2 (update + sum per block) must equal the
+    # per-layer sum_squares pass bit for bit, step after step (it enters every cost J)
+    run_both("softmax_cross_entropy", dtype, opt_name, N=40, B=16, widths=(300, 300), n_features=7, k=5, l2=0.7,
+             keep=1.0)
+
+
 def test_zero_weight_batch_contributes_nothing():
     # the second batch has all-zero weights: loss 0, no data gradient, no L2 term, no L2 gradient
     rng = np.random.default_rng(5)
