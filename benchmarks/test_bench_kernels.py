@@ -47,7 +47,7 @@ def _run(benchmark, group, fn, **extra):
 @backend_param
 @pytest.mark.parametrize("m,n_in,n_out", [(128, 784, 512), (512, 2048, 2048)], ids=["128x784-512", "512x2048-2048"])
 def test_dense_fwd_bwd(benchmark, bname, m, n_in, n_out):
-    be = get_backend(bname)
+    be = get_backend(bname).unchecked   # the raw kernels (the validated entries cost a few us more a call)
     rng = np.random.default_rng(0)
     A = _randn(rng, (m, n_in))
     W = _randn(rng, (n_in, n_out), 1 / np.sqrt(n_in))
@@ -66,7 +66,7 @@ def test_dense_fwd_bwd(benchmark, bname, m, n_in, n_out):
 @backend_param
 @pytest.mark.parametrize("act,name", [(RELU, "relu"), (TANH, "tanh")], ids=["relu", "tanh"])
 def test_activation_fwd_bwd(benchmark, bname, act, name):
-    be = get_backend(bname)
+    be = get_backend(bname).unchecked   # the raw kernels (the validated entries cost a few us more a call)
     rng = np.random.default_rng(1)
     Z = _randn(rng, (512, 2048))
     out, dout, dZ = np.empty_like(Z), _randn(rng, Z.shape), np.empty_like(Z)
@@ -95,7 +95,7 @@ def _bn_arrays(m, n, seed=2):
 @backend_param
 @pytest.mark.parametrize("m,n", [(128, 512), (512, 4096)], ids=["128x512", "512x4096"])
 def test_batchnorm_fwd_bwd(benchmark, bname, m, n):
-    be = get_backend(bname)
+    be = get_backend(bname).unchecked   # the raw kernels (the validated entries cost a few us more a call)
     Z, gamma, beta, rm, rv, mean, inv_std, out, dout, dZ, dgamma, dbeta = _bn_arrays(m, n)
 
     def step():
@@ -107,7 +107,7 @@ def test_batchnorm_fwd_bwd(benchmark, bname, m, n):
 
 @backend_param
 def test_batchnorm_infer(benchmark, bname):
-    be = get_backend(bname)
+    be = get_backend(bname).unchecked   # the raw kernels (the validated entries cost a few us more a call)
     Z, gamma, beta, rm, rv, mean, inv_std, out, *_ = _bn_arrays(512, 4096)
     _run(benchmark, "batchnorm infer 512x4096",
          lambda: be.batchnorm_forward_infer(Z, gamma, beta, rm, rv, 1e-5, out))
@@ -119,7 +119,7 @@ def test_batchnorm_infer(benchmark, bname):
 @backend_param
 @pytest.mark.parametrize("m,k", [(128, 10), (512, 1000)], ids=["128x10", "512x1000"])
 def test_softmax_cross_entropy(benchmark, bname, m, k):
-    be = get_backend(bname)
+    be = get_backend(bname).unchecked   # the raw kernels (the validated entries cost a few us more a call)
     rng = np.random.default_rng(3)
     Z = _randn(rng, (m, k), 3.0)
     y = rng.integers(0, k, size=m).astype(np.int64)
@@ -129,7 +129,7 @@ def test_softmax_cross_entropy(benchmark, bname, m, k):
 
 @backend_param
 def test_softmax(benchmark, bname):
-    be = get_backend(bname)
+    be = get_backend(bname).unchecked   # the raw kernels (the validated entries cost a few us more a call)
     rng = np.random.default_rng(4)
     Z = _randn(rng, (512, 1000), 3.0)
     out = np.empty_like(Z)
@@ -138,7 +138,7 @@ def test_softmax(benchmark, bname):
 
 @backend_param
 def test_sigmoid_bce(benchmark, bname):
-    be = get_backend(bname)
+    be = get_backend(bname).unchecked   # the raw kernels (the validated entries cost a few us more a call)
     rng = np.random.default_rng(5)
     Z = _randn(rng, (4096, 1), 3.0)
     y = rng.integers(0, 2, size=4096).astype(DT)
@@ -148,7 +148,7 @@ def test_sigmoid_bce(benchmark, bname):
 
 @backend_param
 def test_mse(benchmark, bname):
-    be = get_backend(bname)
+    be = get_backend(bname).unchecked   # the raw kernels (the validated entries cost a few us more a call)
     rng = np.random.default_rng(6)
     Yhat, Y = _randn(rng, (512, 10)), _randn(rng, (512, 10))
     dZ = np.empty_like(Yhat)
@@ -161,7 +161,7 @@ def test_mse(benchmark, bname):
 @backend_param
 @pytest.mark.parametrize("m,n", [(128, 4096), (512, 4096)], ids=["128x4096", "512x4096"])
 def test_dropout_fwd_bwd(benchmark, bname, m, n):
-    be = get_backend(bname)
+    be = get_backend(bname).unchecked   # the raw kernels (the validated entries cost a few us more a call)
     rng = np.random.default_rng(7)
     A = _randn(rng, (m, n))
     mask, out = np.empty((m, n), np.uint8), np.empty_like(A)
@@ -189,7 +189,7 @@ def _opt_arrays(n, seed=8):
 @backend_param
 @pytest.mark.parametrize("n,label", [(M1, "1M"), (M16, "16M")])
 def test_adam(benchmark, bname, n, label):
-    be = get_backend(bname)
+    be = get_backend(bname).unchecked   # the raw kernels (the validated entries cost a few us more a call)
     p, g, v, s = _opt_arrays(n)
     t = [0]
 
@@ -202,7 +202,7 @@ def test_adam(benchmark, bname, n, label):
 
 @backend_param
 def test_sgd(benchmark, bname):
-    be = get_backend(bname)
+    be = get_backend(bname).unchecked   # the raw kernels (the validated entries cost a few us more a call)
     p, g, _, _ = _opt_arrays(M1)
     _run(benchmark, "sgd 1M f32", lambda: be.sgd_step(p, g, 1e-3))
 
@@ -210,20 +210,20 @@ def test_sgd(benchmark, bname):
 @backend_param
 @pytest.mark.parametrize("bias_correction", [False, True], ids=["plain", "bias-corrected"])
 def test_momentum(benchmark, bname, bias_correction):
-    be = get_backend(bname)
+    be = get_backend(bname).unchecked   # the raw kernels (the validated entries cost a few us more a call)
     p, g, v, _ = _opt_arrays(M1)
     t = [0]
 
     def step():
-        t[0] += 1
-        be.momentum_step(p, g, v, 1e-3, 0.9, t[0], bias_correction)
+        t[0] += 1   # c1 = lr, or lr / (1 - beta^t) bias-corrected (plan.step_coefficients)
+        be.momentum_step(p, g, v, 0.9, 1e-3 / (1 - 0.9 ** t[0]) if bias_correction else 1e-3)
 
     _run(benchmark, f"momentum 1M f32 ({'bias-corrected' if bias_correction else 'plain'})", step)
 
 
 @backend_param
 def test_rmsprop(benchmark, bname):
-    be = get_backend(bname)
+    be = get_backend(bname).unchecked   # the raw kernels (the validated entries cost a few us more a call)
     p, g, _, s = _opt_arrays(M1)
     _run(benchmark, "rmsprop 1M f32", lambda: be.rmsprop_step(p, g, s, 1e-3, 0.999, 1e-8))
 
@@ -234,7 +234,7 @@ def test_rmsprop(benchmark, bname):
 @backend_param
 @pytest.mark.parametrize("n,label", [(M1, "1M"), (M16, "16M")])
 def test_sum_squares(benchmark, bname, n, label):
-    be = get_backend(bname)
+    be = get_backend(bname).unchecked   # the raw kernels (the validated entries cost a few us more a call)
     x = _randn(np.random.default_rng(9), (n,))
     _run(benchmark, f"sum_squares {label} f32", lambda: be.sum_squares(x))
 
