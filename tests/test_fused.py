@@ -89,7 +89,15 @@ def test_fused_resume_is_bit_identical(tmp_path) -> None:
     full = _model()
     full.fit(X, y, optimizer=fd.Adam(), epochs=4, batch_size=8, fused=True)
     ckpt = tmp_path / "c.ckpt"
-    _model().fit(X, y, optimizer=fd.Adam(), epochs=2, batch_size=8, fused=True, checkpoint=ckpt)
+
+    class Crash(fd.Callback):  # an interruption after epoch 2 (a finished run would not resume)
+        def on_epoch_end(self, model, epoch, logs):
+            if epoch == 2:
+                raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _model().fit(X, y, optimizer=fd.Adam(), epochs=4, batch_size=8, fused=True, checkpoint=ckpt,
+                     callbacks=[Crash()])
     resumed = _model()
     resumed.fit(X, y, optimizer=fd.Adam(), epochs=4, batch_size=8, fused=True, checkpoint=ckpt, resume=True)
     np.testing.assert_array_equal(full.params, resumed.params)
