@@ -79,15 +79,11 @@ def remove_stale_temps(path: "str | os.PathLike") -> list[Path]:
     return removed
 
 
-def atomic_write(path: "str | os.PathLike", write: Callable[[BinaryIO], None]) -> Path:
-    """Call ``write(fileobj)`` on a temporary file beside ``path``, then rename it over ``path``.
+def check_target(path: "str | os.PathLike") -> Path:
+    """Raise what :func:`atomic_write` would raise for ``path``'s location, without writing anything.
 
-    A crash, error or kill mid-write leaves any previous file at ``path`` intact
-    (on errors and interrupts the temporary file is removed at once; after a
-    kill, by the next save of ``path``). The directory must exist:
-    ``FileNotFoundError`` names it otherwise, as ``np.save`` does (a typo must
-    not create directories). ``IsADirectoryError`` if ``path`` is a directory.
-    Permissions follow the umask, as for a normal file.
+    For callers that write at the END of long work (a CLI ``--save``, a
+    checkpoint path): check first, so a typo does not cost the whole run.
     """
     path = Path(path)
     parent = path.parent
@@ -98,6 +94,21 @@ def atomic_write(path: "str | os.PathLike", write: Callable[[BinaryIO], None]) -
             raise NotADirectoryError(errno.ENOTDIR, f"cannot save {path.name!r}: not a directory", str(parent))
         raise FileNotFoundError(errno.ENOENT, f"cannot save {path.name!r}: no such directory (fastdl does not "
                                 "create directories; create it first)", str(parent))
+    return path
+
+
+def atomic_write(path: "str | os.PathLike", write: Callable[[BinaryIO], None]) -> Path:
+    """Call ``write(fileobj)`` on a temporary file beside ``path``, then rename it over ``path``.
+
+    A crash, error or kill mid-write leaves any previous file at ``path`` intact
+    (on errors and interrupts the temporary file is removed at once; after a
+    kill, by the next save of ``path``). The directory must exist:
+    ``FileNotFoundError`` names it otherwise, as ``np.save`` does (a typo must
+    not create directories). ``IsADirectoryError`` if ``path`` is a directory.
+    Permissions follow the umask, as for a normal file.
+    """
+    path = check_target(path)
+    parent = path.parent
     remove_stale_temps(path)
     tmp = parent / f".{path.name}.{_HOST}-{os.getpid()}-{secrets.token_hex(4)}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)

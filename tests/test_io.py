@@ -416,3 +416,15 @@ def test_files_without_precision_load_as_fp32(tmp_path):
     old = fd.load(tmp_path / "old.npz", backend=B)
     assert old.get_config()["precision"] == "fp32"
     np.testing.assert_array_equal(old.predict_proba(X), model.predict_proba(X))
+
+
+def test_check_target_raises_what_a_save_would_before_any_work(tmp_path):
+    from fastdl._atomic import check_target
+
+    assert check_target(tmp_path / "m.fdl") == tmp_path / "m.fdl"
+    with pytest.raises(FileNotFoundError, match="no such directory"):
+        check_target(tmp_path / "missing" / "m.fdl")
+    (tmp_path / "d").mkdir()
+    with pytest.raises(IsADirectoryError):
+        check_target(tmp_path / "d")
+    assert sorted(os.listdir(tmp_path)) == ["d"]  # nothing written
