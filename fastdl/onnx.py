@@ -123,20 +123,20 @@ def to_model_proto(model: Any, *, opset: int = DEFAULT_OPSET, fold_batchnorm: bo
         return name
 
     x = INPUT_NAME
-    n_nodes = 0
     if standardizer is not None:
         scale, shift = _affine_of(standardizer, int(model.n_features))
 
     def node(op: str, inputs: list[str], tag: str, **attrs: Any) -> str:
-        nonlocal n_nodes
-        n_nodes += 1
         out = f"{tag}_out"
         nodes.append(helper.make_node(op, inputs, [out], name=tag, **attrs))
         return out
 
     if standardizer is not None:
-        x = node("Mul", [x, const("standardizer.scale", _f32("standardizer scale", scale[None, :]))], "standardize_mul")
-        x = node("Add", [x, const("standardizer.shift", _f32("standardizer shift", shift[None, :]))], "standardize_add")
+        # (x - mean) / std as x * (1 / std) + (-mean / std): the scaler's own affine map
+        x = node("Mul", [x, const("standardizer.scale", _f32("standardizer scale", scale[None, :]))],
+                 "standardize_mul")
+        x = node("Add", [x, const("standardizer.shift", _f32("standardizer shift", shift[None, :]))],
+                 "standardize_add")
     layers = list(model.layers)
     acts = {ReLU: "Relu", Tanh: "Tanh", Sigmoid: "Sigmoid"}
     i = 0
@@ -172,7 +172,8 @@ def to_model_proto(model: Any, *, opset: int = DEFAULT_OPSET, fold_batchnorm: bo
             x = node(acts[type(layer)], [x], tag)
         elif isinstance(layer, Activation):
             raise TypeError(f"cannot export layers[{i}] {layer!r}: no ONNX operator for activation "
-                            f"{getattr(layer, 'name', type(layer).__name__)!r} (supported: ReLU, Tanh, Sigmoid, Identity)")
+                            f"{getattr(layer, 'name', type(layer).__name__)!r} "
+                            f"(supported: ReLU, Tanh, Sigmoid, Identity)")
         else:
             raise TypeError(f"cannot export layers[{i}] {layer!r}: ONNX export knows Dense, BatchNorm, ReLU, Tanh, "
                             f"Sigmoid, Identity and Dropout")
