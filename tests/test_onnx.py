@@ -161,6 +161,13 @@ def test_unexportable_layer_is_named(tmp_path):
         model.to_onnx(tmp_path / "x.onnx")
     assert not (tmp_path / "x.onnx").exists()
 
+    class LeakyReLU(fd.ReLU):
+        """A user's activation subclass: exporting it as Relu would silently change the function."""
+
+    model.layers[1] = LeakyReLU()
+    with pytest.raises(TypeError, match=r"layers\[1\].*no ONNX operator for activation"):
+        model.to_onnx(tmp_path / "x.onnx")
+
 
 @pytest.mark.parametrize("opset", [12, 10**6, 17.0, "17"])
 def test_bad_opset(tmp_path, opset):
