@@ -135,7 +135,7 @@ WORKER = textwrap.dedent('''
                 if rank == 1 and epoch == 1:
                     os.kill(os.getpid(), signal.SIGSTOP)
         if rank == 0:
-            print("timeout", rank, comm.timeout, flush=True)
+            print(f"timeout {rank} {comm.timeout}", flush=True)
         model().fit(X, y, epochs=1000, batch_size=32, distributed=True, callbacks=[Stop()])
         print("finished", rank, flush=True)
     elif mode == "stop_object":  # the root of an object broadcast is stopped (a root does not wait for others)
@@ -149,7 +149,9 @@ WORKER = textwrap.dedent('''
         obj = comm.bcast_object({"x": [1, 2.5, "z"], "arr": np.arange(3)} if rank == 0 else None)
         big = comm.bcast_object(bytes(range(256)) * 5000 if rank == 0 else None)
         comm.barrier()
-        print("objects", rank, obj["x"], obj["arr"].tolist(), len(big), big[:3] == bytes([0, 1, 2]), flush=True)
+        # one write per line: print(a, b, ...) writes the pieces separately and the ranks' pieces interleave
+        print(f"objects {rank} {obj['x']} {obj['arr'].tolist()} {len(big)} {big[:3] == bytes([0, 1, 2])}",
+              flush=True)
     elif mode == "mismatch":
         if rank == 1:
             X, y = X[:-1], y[:-1]
