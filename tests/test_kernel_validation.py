@@ -111,7 +111,9 @@ def test_shapes_name_the_argument(K) -> None:
     _refused(K.dense_backward, A, W, out, out.copy(), 0, 0.0, dZ, np.zeros((5, 2)), db, dA,
              match=r"'dW' has shape \(5, 2\)", untouched=[dZ, db, dA])
     _refused(K.sigmoid_bce, np.zeros((6, 2)), np.zeros(6), np.zeros((6, 2)),
-             match=r"'Z' has shape \(6, 2\); axis 1 must be 1")
+             match=r"'y' is 1-D, which needs one output column, but 'Z' has k = 2 columns")
+    _refused(K.sigmoid_bce, np.zeros((6, 2)), np.zeros((6, 3)), np.zeros((6, 2)),
+             match=r"'y' has shape \(6, 3\) but 'Z' sets k = 2")
     _refused(K.adam_step, np.zeros(5), np.zeros(4), np.zeros(5), np.zeros(5), 0.9, 0.999, 1e-8, 0.1, 1.0,
              match=r"'grads' has shape \(4,\) but 'params' sets p = 5")
     _refused(K.batchnorm_forward_train, np.zeros((0, 3)), np.ones(3), np.zeros(3), 1e-5, 0.9, np.zeros(3),
