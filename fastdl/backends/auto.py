@@ -16,10 +16,35 @@ from typing import Callable
 
 from .contract import KERNELS
 
-# Default order for every kernel without an entry in PREFERENCE. Cython first: in the kernel
-# benchmarks (benchmarks/test_bench_kernels.py; table in benchmarks/README.md, medians of one
-# run) no Numba kernel is faster than its Cython counterpart beyond the run-to-run noise, and
-# Cython costs no JIT compilation at start-up.
+# Default order for every kernel without an entry in PREFERENCE: Cython first (no JIT at
+# start-up). Measured (raw kernels, float32, medians in us; numba/cython > 1: Cython faster):
+#   pytest benchmarks/test_bench_kernels.py --benchmark-only --benchmark-min-rounds=5 \
+#          --benchmark-max-time=0.3      (dense, momentum, sigmoid-BCE: --benchmark-min-rounds=15)
+#   AMD EPYC (Zen 4), 2 cores shared with other jobs (absolute times inflated; same-run ratios)
+#   kernel (shape)                        cython     numba   numba/cython
+#   softmax-CE loss+grad 128x10              2.8       7.1       2.53
+#   softmax-CE loss+grad 512x1000          346       458         1.32
+#   sigmoid-BCE loss+grad 4096x1             7.4      80.3      10.9
+#   mse loss+grad 512x10                     2.2       2.5       1.11
+#   softmax 512x1000                       338       440         1.30
+#   activation relu fwd+bwd 512x2048       751       942         1.25
+#   activation tanh fwd+bwd 512x2048      3362      3550         1.06
+#   batchnorm fwd+bwd 128x512               41.7      48.0       1.15
+#   batchnorm fwd+bwd 512x4096            4815      5725         1.19
+#   batchnorm infer 512x4096               897      1004         1.12
+#   dropout fwd+bwd 128x4096               227       331         1.45
+#   dropout fwd+bwd 512x4096              4977      6205         1.25
+#   sgd / rmsprop 1M                   108 / 382  111 / 433    1.02 / 1.13
+#   adam 1M / 16M                     617 / 66817  674 / 65295  1.09 / 0.98
+#   momentum 1M plain / bias-corrected  221 / 398  202 / 305    0.91 / 0.77
+#   sum_squares 1M / 16M             101 / 7990   93 / 8908    0.93 / 1.11
+#   dense fwd+bwd 512x2048->2048 relu  535987    537883         1.00
+#   dense fwd+bwd 128x784->512 relu      9765      3944         0.40
+# Everything but two rows is a tie or a Cython win. The optimiser rows within ~25% are memory-bound
+# passes at the noise level of this shared machine. The dense 128x784->512 row (Cython 2.5x slower,
+# also on one thread) is being investigated as a Cython-side issue (both backends call the same
+# GEMM entry point): the order stays Cython-first so that the per-layer path and Cython's
+# whole-epoch executor run the same kernels.
 DEFAULT_ORDER: tuple[str, ...] = ("cython", "numba", "reference")
 
 # kernel -> preference order, where the measurements favour another backend than DEFAULT_ORDER.
