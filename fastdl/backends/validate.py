@@ -6,8 +6,8 @@ executors and layers call on buffers they allocate themselves. The raw
 kernels read and write through raw pointers and trust their arguments, so
 anything reaching them from user code goes through this module first.
 
-The rule (docs/spec.md, "Kernel contract"; issue 14 item 3)
------------------------------------------------------------
+The rule (the conventions of :mod:`fastdl.backends.contract`; issue 14 item 3)
+------------------------------------------------------------------------------
 * Every array argument is a ``numpy.ndarray`` that is C-contiguous, aligned
   and in native byte order; every output is writeable.
 * Float arrays share ONE dtype per call, ``float32`` or ``float64``.
