@@ -283,6 +283,7 @@ class PerLayerExecutor:
         out = np.empty((X.shape[0], self.plan.n_outputs), self.plan.dtype)
         for start in range(0, X.shape[0], batch_size):
             out[start:start + batch_size] = self.forward(X[start:start + batch_size], training=False)
+            self._workspaces[min(batch_size, X.shape[0] - start)].inputs[0] = None  # do not keep X alive
         return out
 
     def wrong_predictions(self, Z: np.ndarray, y: np.ndarray) -> np.ndarray:
