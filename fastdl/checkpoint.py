@@ -4,8 +4,9 @@ A checkpoint is a model file (:mod:`fastdl.io`; ``fd.load`` reads its model)
 with these extra members:
 
 * ``checkpoint`` (UTF-8 JSON): the next epoch, the run's settings
-  (``run_info``), whether training had ended (``finished``: early stop or
-  last epoch), the schedule's state and, for every stateful callback, its
+  (``run_info``), whether and why training had ended (``finished``: false,
+  ``"early_stop"`` or ``"completed"``), the schedule's state and, for every
+  stateful callback, its
   type, position, config, JSON values and the names/shapes/dtypes of its
   arrays;
 * ``history`` (UTF-8 JSON): the per-epoch logs, epoch numbers and norms;
@@ -40,6 +41,8 @@ from .io import (CALLBACK_ARRAY_EXTRA, CALLBACK_ARRAY_FACTOR, CALLBACK_DTYPES, M
 CHECKPOINT_VERSION = 2
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 _MAX_EPOCH = 2 ** 40
+#: why a run ended: a callback stopped it, or it ran all its epochs
+FINISHED = ("early_stop", "completed")
 
 
 class ResumeInfo(NamedTuple):
@@ -48,8 +51,9 @@ class ResumeInfo(NamedTuple):
     next_epoch: int
     #: ``[{"type", "position", "config", "values", "arrays": {name: ndarray}}, ...]``
     callback_states: list[dict[str, Any]]
-    #: training had ended (early stop or last epoch) when the checkpoint was written
-    finished: bool
+    #: why training had ended when the checkpoint was written: ``"early_stop"`` (a callback
+    #: stopped it), ``"completed"`` (it ran all its epochs) or ``False`` (interrupted / mid-run)
+    finished: "bool | str"
     schedule_state: dict[str, Any] | None
 
 
@@ -62,9 +66,12 @@ def _utf8(obj: Any, what: str) -> np.ndarray:
 
 
 def save_checkpoint(path: "str | os.PathLike", model, optimizer, history, *, next_epoch: int,
-                    run_info: dict[str, Any], callback_states: list[dict[str, Any]] = (), finished: bool = False,
-                    schedule_state: dict[str, Any] | None = None) -> None:
+                    run_info: dict[str, Any], callback_states: list[dict[str, Any]] = (),
+                    finished: "bool | str" = False, schedule_state: dict[str, Any] | None = None) -> None:
     """Atomically write the training state after ``next_epoch`` epochs (see the module docstring).
+
+    ``finished``: ``False`` (more epochs to come), ``"early_stop"`` or
+    ``"completed"`` (``True`` means ``"completed"``).
 
     ``callback_states``: one dict per stateful callback, ``{"type": class name,
     "position": i, "config": JSON-able, "values": JSON-able, "arrays": {name:
@@ -72,6 +79,9 @@ def save_checkpoint(path: "str | os.PathLike", model, optimizer, history, *, nex
     """
     if not _is_int(next_epoch) or not 0 <= next_epoch <= _MAX_EPOCH:
         raise ValueError(f"next_epoch must be an integer >= 0, got {next_epoch!r}")
+    finished = _finished(finished)
+    if finished is None:
+        raise ValueError(f"finished must be False, 'early_stop' or 'completed', got {finished!r}")
     arrays = model_arrays(model, optimizer=optimizer)
     callbacks = []
     for i, st in enumerate(callback_states):
@@ -94,7 +104,7 @@ def save_checkpoint(path: "str | os.PathLike", model, optimizer, history, *, nex
         callbacks.append({"type": st["type"], "position": pos, "config": st.get("config", {}),
                           "values": st.get("values", {}), "arrays": declared})
     arrays["checkpoint"] = _utf8({"checkpoint_version": CHECKPOINT_VERSION, "next_epoch": next_epoch,
-                                  "run": run_info, "finished": bool(finished), "schedule_state": schedule_state,
+                                  "run": run_info, "finished": finished, "schedule_state": schedule_state,
                                   "callbacks": callbacks}, "run_info, schedule_state or a callback state")
     arrays["history"] = _utf8({"history": history.history, "epochs": list(history.epoch),
                                "norms": history.norms}, "the history")
@@ -103,6 +113,15 @@ def save_checkpoint(path: "str | os.PathLike", model, optimizer, history, *, nex
 
 
 # ---------------------------------------------------------------------------- loading
+
+
+def _finished(value: Any) -> "bool | str | None":
+    """The stored form of ``finished`` (False, 'early_stop', 'completed'), or None if invalid."""
+    if value is True:
+        return "completed"
+    if value is False or value in FINISHED:
+        return value
+    return None
 
 
 def _canonical(obj: Any) -> str:
@@ -137,7 +156,9 @@ def _read_run(arc: Archive) -> dict[str, Any]:
     _check(_is_int(ck["next_epoch"]) and 0 <= ck["next_epoch"] <= _MAX_EPOCH, arc,
            f"'checkpoint' next_epoch={ck['next_epoch']!r} (must be an integer >= 0)")
     _check(isinstance(ck["run"], dict), arc, "'checkpoint' run must be an object")
-    _check(isinstance(ck["finished"], bool), arc, f"'checkpoint' finished={ck['finished']!r} (must be true/false)")
+    _check(_finished(ck["finished"]) is not None, arc,
+           f"'checkpoint' finished={ck['finished']!r} (must be false, \"early_stop\" or \"completed\")")
+    ck["finished"] = _finished(ck["finished"])
     _check(ck["schedule_state"] is None or isinstance(ck["schedule_state"], dict), arc,
            "'checkpoint' schedule_state must be an object or null")
     cbs = ck["callbacks"]
@@ -256,7 +277,7 @@ def load_checkpoint(path: "str | os.PathLike", model, optimizer, history, run_in
     history.epoch = list(hist["epochs"])
     history.batch_cost = batch_cost.tolist()
     history.norms = hist["norms"]
-    return ResumeInfo(int(ck["next_epoch"]), callback_states, bool(ck["finished"]), ck["schedule_state"])
+    return ResumeInfo(int(ck["next_epoch"]), callback_states, ck["finished"], ck["schedule_state"])
 
 
 __all__ = ["CHECKPOINT_VERSION", "ResumeInfo", "checkpoint_info", "load_checkpoint", "save_checkpoint"]

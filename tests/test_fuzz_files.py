@@ -180,13 +180,23 @@ def test_checkpoint_round_trip_with_callback_states(tmp_path, files):
     np.testing.assert_array_equal(fd.load(path, backend=B).params, ref.params)
 
 
-def test_finished_flag_round_trips(tmp_path):
+@pytest.mark.parametrize("finished, stored", [(False, False), ("early_stop", "early_stop"),
+                                              ("completed", "completed"), (True, "completed")])
+def test_finished_reason_round_trips(tmp_path, finished, stored):
     model, opt = trained()
     save_checkpoint(tmp_path / "c", model, opt, history_like(3, 1), next_epoch=1, run_info={"n_examples": 24,
-                    "batch_size": 8}, callback_states=[], finished=True)
-    assert checkpoint_info(tmp_path / "c")["finished"] is True
+                    "batch_size": 8}, callback_states=[], finished=finished)
+    assert checkpoint_info(tmp_path / "c")["finished"] == stored
     info, *_ = resume(tmp_path / "c")
-    assert info.finished is True and info.callback_states == [] and info.schedule_state is None
+    assert info.finished == stored and info.callback_states == [] and info.schedule_state is None
+
+
+def test_finished_must_be_a_known_reason(tmp_path):
+    model, opt = trained()
+    with pytest.raises(ValueError, match="finished must be"):
+        save_checkpoint(tmp_path / "c", model, opt, history_like(3, 1), next_epoch=1, run_info={},
+                        finished="yes")
+    assert not (tmp_path / "c").exists()
 
 
 def test_a_refused_checkpoint_changes_nothing(tmp_path, files):
@@ -267,6 +277,7 @@ def _set(path, value):
     (("next_epoch",), -1, "next_epoch"),
     (("next_epoch",), "3", "next_epoch"),
     (("finished",), "yes", "finished"),
+    (("finished",), 1, "finished"),
     (("run",), [1], "run must be an object"),
     (("callbacks",), {"a": 1}, "callbacks must be a list"),
     (("callbacks", 0, "position"), "0", "callbacks\\[0\\]"),
