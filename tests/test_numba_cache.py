@@ -126,3 +126,21 @@ def test_the_key_covers_every_source_and_the_toolchain():
 def test_fastdl_njit_refuses_numbas_own_cache_flag():
     with pytest.raises(ValueError, match="cache"):
         _cache.fastdl_njit(cache=True)
+
+
+def test_stale_key_directories_are_pruned_and_nothing_else(tmp_path):
+    import time
+
+    now = time.time()
+    old, recent, keep = tmp_path / ("a" * 24), tmp_path / ("b" * 24), tmp_path / ("c" * 24)
+    other = tmp_path / "not-a-key"
+    for d in (old, recent, keep, other):
+        d.mkdir()
+        (d / "x.nbi").write_text("x")
+    day = 86400.0
+    os.utime(old, (now - 40 * day, now - 40 * day))
+    os.utime(keep, (now - 40 * day, now - 40 * day))
+    os.utime(other, (now - 40 * day, now - 40 * day))
+    os.utime(recent, (now - 2 * day, now - 2 * day))
+    assert _cache.prune_stale(tmp_path, keep=keep.name, now=now) == [old]
+    assert not old.exists() and recent.exists() and keep.exists() and other.exists()

@@ -34,7 +34,6 @@ How it is built
 """
 from __future__ import annotations
 
-import functools
 import os
 
 import numpy as np
@@ -67,7 +66,8 @@ KERNEL_NAMES: tuple[str, ...] = (
     "sgd_step", "momentum_step", "rmsprop_step", "adam_step", "nesterov_step", "sum_squares", "all_finite",
 )
 
-#: the raw kernels (no argument checks): what executors call through ``backend.unchecked``
+#: the kernels as they are: no argument checks (the validated entry points are
+#: ``fastdl.get_backend("numba").<kernel>``, fastdl/backends/validate.py); what executors call
 UNCHECKED: dict = {name: globals()[name] for name in KERNEL_NAMES}
 
 
@@ -136,36 +136,6 @@ def _warmup_one(dt) -> None:
         mse(Zb, Zb, np.empty_like(Zb), ww)
         mse(Zb, Zb, np.empty((0, 0), dt), ww)
 
-
-def _layout_guard(fn):
-    """Turn Numba's errors on a strided / Fortran-order / misaligned array into a clear ValueError.
-
-    The contract requires C-contiguous arrays. The check runs only when the compiled call fails,
-    so the fast path pays one Python frame. (The validated entry points of
-    ``fastdl.backends.validate`` check every argument up front; executors call :data:`UNCHECKED`.)
-    """
-    from numba.core.errors import TypingError
-
-    @functools.wraps(fn)
-    def guarded(*args):
-        try:
-            return fn(*args)
-        except (TypingError, NotImplementedError) as exc:  # NotImplementedError: reshape of a Fortran array
-            for i, a in enumerate(args):
-                if isinstance(a, np.ndarray) and not (a.flags.c_contiguous and a.flags.aligned):
-                    raise ValueError(
-                        f"{fn.__name__}: argument {i} (shape {a.shape}, strides {a.strides}) is not a C-contiguous, "
-                        "aligned array; the kernel contract requires one (use np.ascontiguousarray)") from None
-            if isinstance(exc, NotImplementedError) and "precision" in str(exc):
-                raise
-            raise
-
-    return guarded
-
-
-for _name in KERNEL_NAMES:
-    globals()[_name] = _layout_guard(UNCHECKED[_name])
-del _name
 
 __all__ = list(KERNEL_NAMES) + [
     "DEFAULT_THRESHOLDS", "THRESHOLD_NAMES", "UNCHECKED", "current_thresholds", "epoch_executor", "set_parallel",

@@ -18,6 +18,8 @@ Here every fastdl compiled function gets a :class:`_FastdlCache` (a Numba
 * scoped to fastdl: nothing global changes (no ``NUMBA_CACHE_DIR``, no
   ``numba.config``), so the user's own ``cache=True`` functions are cached
   where Numba always puts them;
+* key directories untouched for :data:`STALE_DAYS` are removed when a new
+  one is created (:func:`prune_stale`);
 * an unwritable cache directory disables caching (compiles every run) rather
   than falling back to the package directory.
 """
@@ -99,6 +101,41 @@ def cache_dir() -> Path:
     return cache_root() / current_key()
 
 
+#: key directories untouched for this long are removed when a new key directory is created
+STALE_DAYS = 30.0
+
+
+def prune_stale(root: Path, keep: str, max_age_days: float = STALE_DAYS, now: float | None = None) -> list[Path]:
+    """Remove the key directories under ``root`` (other than ``keep``) not modified for ``max_age_days``.
+
+    Each edit of the kernel sources gives a new directory; without this an
+    editable install would collect them forever. A directory still in use by
+    another installation is at worst recompiled. Returns what was removed.
+    """
+    import shutil
+    import time
+
+    now = time.time() if now is None else now
+    removed = []
+    try:
+        entries = list(root.iterdir())
+    except OSError:
+        return removed
+    for d in entries:
+        if d.name == keep or not d.is_dir() or len(d.name) != 24:   # only fastdl key directories
+            continue
+        try:
+            if now - d.stat().st_mtime > max_age_days * 86400.0:
+                shutil.rmtree(d)
+                removed.append(d)
+        except OSError:      # another process removed or is using it: leave it
+            continue
+    return removed
+
+
+_pruned = False
+
+
 class FastdlCacheLocator(_CacheLocator):
     """Numba cache locator for fastdl's compiled functions (see the module docstring)."""
 
@@ -118,11 +155,16 @@ class FastdlCacheLocator(_CacheLocator):
 
     @classmethod
     def from_function(cls, py_func, py_file):
+        global _pruned
         self = cls(py_func, py_file)
+        fresh = not os.path.isdir(self._cache_path)
         try:
             self.ensure_cache_path()
         except OSError:
             return None
+        if fresh and not _pruned:     # once per process, when this key's directory is new
+            _pruned = True
+            prune_stale(Path(self._cache_path).parent, keep=Path(self._cache_path).name)
         return self
 
 
@@ -160,5 +202,5 @@ pjit = fastdl_njit(error_model="numpy", parallel=True)
 mjit = fastdl_njit(error_model="numpy", fastmath={"contract"})   # math polynomials only
 rjit = fastdl_njit(error_model="numpy", fastmath={"reassoc"})    # float64 sums: vectorised order
 
-__all__ = ["KERNEL_SOURCES", "FastdlCacheLocator", "cache_dir", "cache_root", "current_key", "enable_cache",
+__all__ = ["KERNEL_SOURCES", "STALE_DAYS", "FastdlCacheLocator", "prune_stale", "cache_dir", "cache_root", "current_key", "enable_cache",
            "fastdl_njit", "jit", "mjit", "pjit", "rjit", "source_key"]
