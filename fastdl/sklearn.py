@@ -444,7 +444,9 @@ class _BaseMLP(BaseEstimator):
         self._random_state = check_random_state(self.random_state)
         layer_units = [X.shape[1]] + hidden + [Y.shape[1]]
         if first_pass:
-            self._initialize(Y, layer_units, X.dtype, hidden)
+            # bf16 GEMMs round float32 operands: a bf16 network is float32 whatever X's dtype
+            dtype = np.float32 if self.precision == "bf16" else X.dtype
+            self._initialize(Y, layer_units, dtype, hidden)
         else:
             if not self._attributes_are_views():
                 self._model_from_attributes()
@@ -899,7 +901,8 @@ _COMMON_DOC = """
         trains without dropout).
     backend : {'auto', 'reference', 'numba', 'cython'}, default='auto'
     precision : {'fp32', 'bf16'}, default='fp32'
-        bf16 GEMMs (float32 input only), where fastdl supports it.
+        bf16 GEMMs (operands rounded to bfloat16, float32 accumulation) on
+        backends that support them; the network is then float32 whatever X's dtype.
 
     Attributes
     ----------

@@ -154,16 +154,24 @@ def test_batchnorm_and_dropout_options():
     assert lb.score(X, y) > 0.95
 
 
-def test_lbfgs_max_fun_is_a_strict_cap():
+def test_lbfgs_max_fun_is_a_strict_cap(monkeypatch):
+    import fastdl as fd
+
     X, y = _digits()
     calls = {"n": 0}
-    clf = MLPClassifier(hidden_layer_sizes=(10,), solver="lbfgs", max_fun=7, max_iter=1000, random_state=0)
-    orig = clf._fit_lbfgs
+    orig = fd.Sequential._loss_and_grads
 
-    with pytest.warns(ConvergenceWarning):
+    def counting(self, *args, **kwargs):
+        calls["n"] += 1
+        return orig(self, *args, **kwargs)
+
+    monkeypatch.setattr(fd.Sequential, "_loss_and_grads", counting)
+    clf = MLPClassifier(hidden_layer_sizes=(10,), solver="lbfgs", max_fun=7, max_iter=1000, random_state=0)
+    with pytest.warns(ConvergenceWarning, match="max_fun|maximum number|STOP"):
         clf.fit(X, y)
+    assert calls["n"] <= 7          # every evaluation is one full-batch forward+backward
     assert clf.n_iter_ <= 7
-    del orig, calls
+    assert np.isfinite(clf.loss_)
 
 
 def test_nonfinite_raises_like_sklearn():
@@ -344,3 +352,17 @@ def test_multilabel_and_binary_follow_sklearn(backend):
         p = ours.predict_proba(X)
         assert p.shape == (len(X), Y.shape[1] if y.ndim == 2 else 2)
         np.testing.assert_array_equal(ours.predict(X), ref.predict(X))
+
+
+def test_bf16_precision_trains_a_float32_network():
+    X, y = _digits()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        clf = MLPClassifier(hidden_layer_sizes=(32,), precision="bf16", backend="reference", max_iter=30, learning_rate_init=0.01,
+                            random_state=0).fit(X, y)
+        fp = MLPClassifier(hidden_layer_sizes=(32,), backend="reference", max_iter=30, learning_rate_init=0.01,
+                           random_state=0).fit(X.astype(np.float32), y)
+    assert clf.model_.dtype == np.float32 and clf.model_.get_config()["precision"] == "bf16"
+    assert clf.score(X, y) > 0.9
+    # bf16 rounding changes the numbers, not the training
+    assert abs(clf.loss_ - fp.loss_) < 0.05 and not np.array_equal(clf.model_.params, fp.model_.params)
