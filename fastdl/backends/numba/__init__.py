@@ -36,8 +36,14 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
-import numba
+from ..runtime import prepare_openmp
+
+# OMP_WAIT_POLICY before libgomp loads (fastdl.backends.runtime): first, before anything can start a prange
+# region, also when this package is imported directly (fastdl/_augment_numba.py) rather than via the registry
+prepare_openmp()
+
+import numpy as np  # noqa: E402
+import numba  # noqa: E402
 
 # Numba's own order is tbb, omp, workqueue; the tbb package comes with MKL (fastdl[mkl]) and would
 # then give prange a second thread pool beside the libgomp one of the Cython kernels and MKL. OpenMP
