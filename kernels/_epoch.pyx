@@ -26,7 +26,7 @@ from libc.stdint cimport int64_t, uint8_t, uint64_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy
 
-from _kernel_common cimport data, dim, fastdl_max_threads, real, rtype, wtype
+from _kernel_common cimport data, dim, fastdl_max_threads, is_empty, is_int64, real, rtype, wtype
 from fastdl._kernels._batchnorm cimport bn_backward_c, bn_forward_train_c, bn_work_size
 from fastdl._kernels._dense cimport activation_backward_c, activation_forward_c, dense_backward_c, dense_forward_c
 from fastdl._kernels._dropout cimport dropout_backward_c, dropout_forward_c, dropout_key_c
@@ -87,6 +87,7 @@ cdef struct Run:
     const double* w         # NULL: unweighted
     const int64_t* perm
     Py_ssize_t n_rows       # len(perm)
+    Py_ssize_t n_X          # rows of X
     void* params
     void* grads
     void* state
@@ -127,6 +128,19 @@ cdef inline Py_ssize_t argmax_row(const real* row, Py_ssize_t k) noexcept nogil:
         elif row[c] != row[c]:
             return c
     return best
+
+
+cdef int check_indices(Run* r) noexcept nogil:
+    """-1: a row index of perm outside [0, N); -2: a class label (of a row used) outside [0, k); else 0."""
+    cdef Py_ssize_t i, src
+    cdef const int64_t* y = <const int64_t*>r.y
+    for i in range(r.n_rows):
+        src = r.perm[i]
+        if src < 0 or src >= r.n_X:
+            return -1
+        if r.loss == LOSS_SOFTMAX_CE and (y[src] < 0 or y[src] >= r.k):
+            return -2
+    return 0
 
 
 cdef real* forward(Run* r, const real* xb, Py_ssize_t m, uint64_t step) noexcept nogil:
@@ -303,6 +317,10 @@ cdef class CythonEpochExecutor:
     cdef readonly object dtype
     cdef object ws, masks, xbuf, ybuf, wbuf, dense, tasks
     cdef Py_ssize_t dlog_off
+    cdef bint busy, has_v, has_s
+    cdef int typenum, scratch_threads
+    cdef Run base                   # the plan's part of the run, filled once
+    cdef object bnwork, rowbuf, ssqbuf
 
     def __cinit__(self):
         self.ops = NULL
@@ -372,9 +390,45 @@ cdef class CythonEpochExecutor:
         self.ybuf = (np.zeros(batch_size, np.int64) if plan.loss == LOSS_SOFTMAX_CE
                      else np.zeros(batch_size * plan.n_outputs, dt))
         self.wbuf = np.zeros(batch_size, np.float64)
+        self.dlog_off = plan.dlogits_offset(batch_size)
         self.dense = np.ascontiguousarray(plan.dense_weights, np.int64).reshape(-1, 2)
         self.tasks = update_tasks(plan.n_params, self.dense)
-        self.dlog_off = plan.dlogits_offset(batch_size)
+        self.typenum = cnp.NPY_FLOAT if dt == np.float32 else cnp.NPY_DOUBLE
+        names = opt_spec.state_names
+        self.has_v = "v" in names
+        self.has_s = "s" in names
+        sizes = [ssq_partials(b - a) for a, b in self.dense.tolist()]
+        self.rowbuf = np.empty(loss_buffer_size(batch_size, plan.n_outputs), np.float64)
+        self.ssqbuf = np.empty(max(1, sum(sizes)), np.float64)    # >= every single W's partials too
+        hyper = opt_spec.hyper
+        r = &self.base
+        r.ops = self.ops
+        r.n_ops = self.n_ops
+        r.loss = plan.loss
+        r.n_features = plan.n_features
+        r.k = plan.n_outputs
+        r.B = batch_size
+        r.n_params = plan.n_params
+        r.dlog = self.dlog_off
+        r.dense = <int64_t*>data(self.dense)
+        r.n_dense = self.dense.shape[0]
+        r.l2 = float(plan.l2)
+        r.l2_dataset = plan.l2_scale == _plan.L2_DATASET
+        r.opt_kind = opt_spec.kind
+        r.beta1 = float(hyper[_plan.H_BETA1])
+        r.beta2 = float(hyper[_plan.H_BETA2])
+        r.opt_eps = float(hyper[_plan.H_EPS])
+        r.ws = data(self.ws)
+        r.masks = <uint8_t*>data(self.masks)
+        r.xbuf = data(self.xbuf)
+        r.ybuf = data(self.ybuf)
+        r.wbuf = <double*>data(self.wbuf)
+        r.rowbuf = <double*>data(self.rowbuf)
+        r.ssqbuf = <double*>data(self.ssqbuf)
+        r.tasks = <const int64_t*>data(self.tasks)
+        r.n_tasks = self.tasks.shape[0]
+        self.bnwork = None
+        self._scratch()
 
     def __dealloc__(self):
         free(self.ops)
@@ -383,92 +437,82 @@ cdef class CythonEpochExecutor:
         """Nothing to do: the executor is compiled ahead of time (the Numba one JIT-compiles here)."""
         return None
 
+    cdef void _scratch(self):
+        """(Re)size the scratch whose size depends on the thread count in force (BatchNorm)."""
+        cdef Py_ssize_t j, need = 1
+        cdef int nt = fastdl_max_threads()
+        if self.bnwork is not None and nt <= self.scratch_threads:
+            return
+        for j in range(self.n_ops):
+            if self.ops[j].kind == OP_BATCHNORM:
+                need = max(need, bn_work_size(self.ops[j].n_out))
+        self.bnwork = np.empty(need, np.float64)
+        self.scratch_threads = nt
+        self.base.bnwork = <double*>data(self.bnwork)
+
     def run_epoch(self, X, y, w, perm, params, grads, state, v, s, c1, c2, step0, seed, n_total, costs, losses):
         """Train every mini-batch of one epoch in ``perm`` order (see fastdl.plan.EpochExecutor.run_epoch).
 
-        Returns ``(steps_done, wrong_predictions, status)``.
+        Returns ``(steps_done, wrong_predictions, status)``. The arguments are checked (dtypes, shapes,
+        row indices, class labels) before any step runs: a ValueError leaves everything untouched.
         """
         cdef Run r
-        cdef int t = cnp.NPY_FLOAT if self.dtype == np.float32 else cnp.NPY_DOUBLE
-        cdef Py_ssize_t N, n_rows, n_batches, B = self.batch_size, j, bn_need = 1, ssq_need = 1
-        cdef const int64_t* pp
-        plan = self.plan
-        k = plan.n_outputs
-        # ---- arguments (once per epoch)
-        if rtype(X, 2) != t or dim(X, 1) != plan.n_features:
-            raise ValueError(f"X must be a C-contiguous {self.dtype} array of shape (N, {plan.n_features})")
+        cdef int t = self.typenum, rc = 0
+        cdef Py_ssize_t N, n_rows, n_batches, B = self.batch_size, k = self.base.k, P = self.base.n_params
+        cdef bint weighted, has_v = self.has_v, has_s = self.has_s
+        # ---- arguments (C-level checks: this runs once per step in fit's augmentation mode)
+        if rtype(X, 2) != t or dim(X, 1) != self.base.n_features:
+            raise ValueError(f"X must be a C-contiguous {self.dtype} array of shape (N, {self.base.n_features})")
         N = dim(X, 0)
-        if plan.loss == LOSS_SOFTMAX_CE:
-            if not (rtype(y, 1) in (cnp.NPY_LONG, cnp.NPY_LONGLONG) and y.itemsize == 8 and dim(y, 0) == N):
+        if self.base.loss == LOSS_SOFTMAX_CE:
+            if not (is_int64(y) and dim(y, 0) == N):
                 raise ValueError(f"y must be a C-contiguous int64 array of shape ({N},) (class ids)")
-            if N and (y.min() < 0 or y.max() >= k):
-                raise ValueError(f"class labels must be in [0, {k})")
         elif not ((rtype(y, 2) == t and dim(y, 0) == N and dim(y, 1) == k)
                   or (k == 1 and rtype(y, 1) == t and dim(y, 0) == N)):
             raise ValueError(f"y must be a C-contiguous {self.dtype} array of shape ({N}, {k})"
                              + (f" or ({N},)" if k == 1 else ""))
-        weighted = not (isinstance(w, np.ndarray) and w.size == 0)
+        weighted = not is_empty(w)
         if weighted and not vec_of(w, cnp.NPY_DOUBLE, N, False):
             raise ValueError(f"w must be a C-contiguous float64 array of shape ({N},), or empty (unweighted)")
-        if not (rtype(perm, 1) in (cnp.NPY_LONG, cnp.NPY_LONGLONG) and perm.itemsize == 8):
+        if not is_int64(perm):
             raise ValueError("perm must be a C-contiguous int64 array")
         n_rows = dim(perm, 0)
-        if n_rows and (perm.min() < 0 or perm.max() >= N):
-            raise ValueError(f"perm indexes rows outside [0, {N})")
         n_batches = (n_rows + B - 1) // B
-        if not (vec_of(params, t, plan.n_params, True) and vec_of(grads, t, plan.n_params, True)):
-            raise ValueError(f"params and grads must be writeable C-contiguous {self.dtype} arrays of shape "
-                             f"({plan.n_params},)")
-        if not vec_of(state, t, plan.n_state, True):
-            raise ValueError(f"state must be a writeable C-contiguous {self.dtype} array of shape ({plan.n_state},)")
-        names = self.opt_spec.state_names
-        for name, arr in (("v", v), ("s", s)):
-            if name in names and not vec_of(arr, t, plan.n_params, True):
-                raise ValueError(f"optimiser state {name} must be a writeable C-contiguous {self.dtype} array of "
-                                 f"shape ({plan.n_params},)")
-        for name, arr, writeable in (("c1", c1, False), ("c2", c2, False), ("costs", costs, True),
-                                     ("losses", losses, True)):
-            if not ((wtype(arr, 1) if writeable else rtype(arr, 1)) == cnp.NPY_DOUBLE and dim(arr, 0) >= n_batches):
-                raise ValueError(f"{name} must be a C-contiguous float64 array of at least {n_batches} elements")
+        if not (vec_of(params, t, P, True) and vec_of(grads, t, P, True)):
+            raise ValueError(f"params and grads must be writeable C-contiguous {self.dtype} arrays of shape ({P},)")
+        if not vec_of(state, t, self.plan.n_state, True):
+            raise ValueError(f"state must be a writeable C-contiguous {self.dtype} array of shape "
+                             f"({self.plan.n_state},)")
+        if has_v and not vec_of(v, t, P, True):
+            raise ValueError(f"optimiser state v must be a writeable C-contiguous {self.dtype} array of shape ({P},)")
+        if has_s and not vec_of(s, t, P, True):
+            raise ValueError(f"optimiser state s must be a writeable C-contiguous {self.dtype} array of shape ({P},)")
+        if not (rtype(c1, 1) == cnp.NPY_DOUBLE and dim(c1, 0) >= n_batches and rtype(c2, 1) == cnp.NPY_DOUBLE
+                and dim(c2, 0) >= n_batches):
+            raise ValueError(f"c1 and c2 must be C-contiguous float64 arrays of at least {n_batches} elements")
+        if not (wtype(costs, 1) == cnp.NPY_DOUBLE and dim(costs, 0) >= n_batches
+                and wtype(losses, 1) == cnp.NPY_DOUBLE and dim(losses, 0) >= n_batches):
+            raise ValueError(f"costs and losses must be writeable C-contiguous float64 arrays of at least "
+                             f"{n_batches} elements")
         if step0 < 0:
             raise ValueError(f"step0 must be >= 0, got {step0}")
-        # ---- per-epoch scratch (sizes depend on the thread count in force)
-        for j in range(self.n_ops):
-            if self.ops[j].kind == OP_BATCHNORM:
-                bn_need = max(bn_need, bn_work_size(self.ops[j].n_out))
-        ssq_need = max(ssq_need, sum(ssq_partials(b - a) for a, b in self.dense.tolist()))
-        rowbuf = np.empty(loss_buffer_size(B, k), np.float64)
-        bnwork = np.empty(bn_need, np.float64)
-        ssqbuf = np.empty(ssq_need, np.float64)
-        dense = self.dense
-        hyper = self.opt_spec.hyper
+        if self.busy:   # the buffers are this object's: a second thread must use its own executor
+            raise RuntimeError("this epoch executor is already running an epoch (in another thread); "
+                               "create one executor per thread")
+        self._scratch()
         # ---- the run
-        r.ops = self.ops
-        r.n_ops = self.n_ops
-        r.loss = plan.loss
-        r.n_features = plan.n_features
-        r.k = k
-        r.B = B
-        r.n_params = plan.n_params
-        r.dlog = self.dlog_off
-        r.dense = <int64_t*>data(dense)
-        r.n_dense = dense.shape[0]
-        r.l2 = float(plan.l2)
-        r.l2_dataset = plan.l2_scale == _plan.L2_DATASET
-        r.opt_kind = self.opt_spec.kind
-        r.beta1 = float(hyper[_plan.H_BETA1])
-        r.beta2 = float(hyper[_plan.H_BETA2])
-        r.opt_eps = float(hyper[_plan.H_EPS])
+        r = self.base
         r.X = data(X)
         r.y = data(y)
         r.w = <const double*>data(w) if weighted else NULL
         r.perm = <const int64_t*>data(perm)
         r.n_rows = n_rows
+        r.n_X = N
         r.params = data(params)
         r.grads = data(grads)
         r.state = data(state)
-        r.v = data(v) if "v" in names else NULL
-        r.s = data(s) if "s" in names else NULL
+        r.v = data(v) if has_v else NULL
+        r.s = data(s) if has_s else NULL
         r.c1 = <const double*>data(c1)
         r.c2 = <const double*>data(c2)
         r.step0 = <uint64_t>(int(step0) & _MASK64)
@@ -476,23 +520,23 @@ cdef class CythonEpochExecutor:
         r.n_total = float(n_total) if n_total else 0.0
         r.costs = <double*>data(costs)
         r.losses = <double*>data(losses)
-        r.ws = data(self.ws)
-        r.masks = <uint8_t*>data(self.masks)
-        r.xbuf = data(self.xbuf)
-        r.ybuf = data(self.ybuf)
-        r.wbuf = <double*>data(self.wbuf)
-        r.rowbuf = <double*>data(rowbuf)
-        r.bnwork = <double*>data(bnwork)
-        r.ssqbuf = <double*>data(ssqbuf)
-        r.tasks = <const int64_t*>data(self.tasks)
-        r.n_tasks = self.tasks.shape[0]
         r.steps = r.wrong = 0
         r.status = 0
-        with nogil:
-            if t == cnp.NPY_FLOAT:
-                run_epoch_c(&r, <float*>NULL)
-            else:
-                run_epoch_c(&r, <double*>NULL)
+        self.busy = True
+        try:
+            with nogil:
+                rc = check_indices(&r)
+                if rc == 0:
+                    if t == cnp.NPY_FLOAT:
+                        run_epoch_c(&r, <float*>NULL)
+                    else:
+                        run_epoch_c(&r, <double*>NULL)
+        finally:
+            self.busy = False
+        if rc == -1:
+            raise ValueError(f"perm indexes rows outside [0, {N})")
+        if rc == -2:
+            raise ValueError(f"class labels must be in [0, {k})")
         return int(r.steps), int(r.wrong), int(r.status)
 
 

@@ -261,16 +261,18 @@ def test_arguments_are_checked():
                 n_total=6, costs=np.zeros(2), losses=np.zeros(2))
     bad = {
         "X": (X.astype(np.float64), "X must be"),
-        "y": (np.full(6, 3, np.int64), "class labels"),
+        "y": (np.array([0, 1, 2, 0, 1, 3], np.int64), "class labels"),   # a bad label in the 2nd batch
         "w": (np.ones(5), "w must be"),
-        "perm": (np.array([0, 6], np.int64), "perm indexes"),
+        "perm": (np.array([0, 1, 2, 3, 4, 6], np.int64), "perm indexes"),
         "v": (np.zeros(3, np.float32), "optimiser state v"),
-        "c1": (np.ones(1), "c1 must be"),
+        "c1": (np.ones(1), "c1 and c2 must be"),
         "params": (model.params[::2], "params and grads"),
     }
+    before = model.params.copy()
     for name, (value, msg) in bad.items():
         with pytest.raises(ValueError, match=msg):
             ex.run_epoch(**{**good, name: value})
+    assert same_bits(model.params, before)          # rejected before any step ran
     assert ex.run_epoch(**good)[2] == 0
 
 
