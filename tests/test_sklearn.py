@@ -278,9 +278,10 @@ def test_bad_parameters_are_named():
         MLPClassifier(hidden_layer_sizes=(0,)).fit(X, y)
 
 
+@pytest.mark.parametrize("backend", ["cython", "numba"])
 @pytest.mark.parametrize("solver", ["adam", "sgd", "rmsprop"])
 @pytest.mark.parametrize("weighted", [False, True])
-def test_epoch_executor_path_equals_per_step_path(solver, weighted, monkeypatch):
+def test_epoch_executor_path_equals_per_step_path(backend, solver, weighted, monkeypatch):
     """Dense epochs run in one compiled call when the backend has an epoch executor: same numbers."""
     from fastdl.sklearn import _BaseMLP
 
@@ -292,7 +293,7 @@ def test_epoch_executor_path_equals_per_step_path(solver, weighted, monkeypatch)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
             fits.append(MLPClassifier(hidden_layer_sizes=(24,), solver=solver, max_iter=4, batch_size=50,
-                                      random_state=0, backend="cython").fit(X, y, sample_weight=sw))
+                                      random_state=0, backend=backend).fit(X, y, sample_weight=sw))
     a, b = fits
     np.testing.assert_allclose(a.loss_curve_, b.loss_curve_, rtol=1e-12)
     np.testing.assert_allclose(a.model_.params, b.model_.params, rtol=0, atol=1e-12)
