@@ -48,6 +48,7 @@ try:
     from sklearn.model_selection import train_test_split
     from sklearn.preprocessing import LabelBinarizer
     from sklearn.utils import check_random_state, gen_batches
+    from sklearn.utils.metaestimators import available_if
     from sklearn.utils.multiclass import check_classification_targets, type_of_target, unique_labels
     from sklearn.utils.validation import check_is_fitted, column_or_1d, validate_data
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
@@ -842,9 +843,6 @@ class _BaseMLP(BaseEstimator):
                 self._bind_attributes()
 
     # ------------------------------------------------------------ misc
-    def partial_fit_available(self) -> bool:  # pragma: no cover - helper for available_if-like checks
-        return self.solver != "lbfgs"
-
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
         tags.input_tags.sparse = True
@@ -858,12 +856,6 @@ def _partial_fit_guard(est) -> bool:
     return True
 
 
-try:
-    from sklearn.utils.metaestimators import available_if
-except ImportError:  # pragma: no cover
-    available_if = None
-
-
 _COMMON_DOC = """
     Parameters (scikit-learn's, same meaning)
     -----------------------------------------
@@ -871,8 +863,11 @@ _COMMON_DOC = """
     activation : {'identity', 'logistic', 'tanh', 'relu'}, default='relu'
     solver : {'lbfgs', 'sgd', 'adam', 'rmsprop'}, default='adam'
         'sgd' uses scikit-learn's momentum rule (classical, or Nesterov with
-        ``nesterovs_momentum=True``); 'rmsprop' (fastdl's) uses ``beta_2`` and
-        ``epsilon``. 'lbfgs' is full-batch L-BFGS (scipy) over the flat parameters.
+        ``nesterovs_momentum=True``): the same updates. 'adam' differs in one
+        place: ``epsilon`` is added to the bias-corrected ``sqrt(v_hat)``
+        (scikit-learn adds it to the uncorrected ``sqrt(v)``). 'rmsprop'
+        (fastdl's) uses ``beta_2`` and ``epsilon``. 'lbfgs' is full-batch
+        L-BFGS (scipy) over the flat parameters.
     alpha : float, default=1e-4
         L2 strength: ``alpha/(2m)·Σ‖W‖²`` with ``m`` the mini-batch size (its
         summed ``sample_weight``), scikit-learn's definition.
@@ -1199,6 +1194,7 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
         return r2_score(y, y_pred, sample_weight=sample_weight)
 
 
-if available_if is not None:  # scikit-learn's convention: no partial_fit attribute for solver='lbfgs'
-    for _cls in (MLPClassifier, MLPRegressor):
-        _cls.partial_fit = available_if(lambda est: est._check_solver())(_cls.partial_fit)
+# scikit-learn's convention: no partial_fit attribute when solver='lbfgs' (hasattr(est, "partial_fit") is False)
+for _cls in (MLPClassifier, MLPRegressor):
+    _cls.partial_fit = available_if(lambda est: est._check_solver())(_cls.partial_fit)
+del _cls
