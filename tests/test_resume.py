@@ -92,7 +92,7 @@ def test_quickstart_early_stopping_interrupted_and_resumed_is_bit_identical(tmp_
 
     # the final checkpoint was written AFTER restore_best and says the run finished:
     info = checkpoint_info(ckpt)
-    assert info["finished"] is True
+    assert info["finished"] == "early_stop"
     again = _quickstart_model(backend)
     es2 = fd.EarlyStopping(patience=4, restore_best=True)
     with warnings.catch_warnings():
@@ -102,15 +102,33 @@ def test_quickstart_early_stopping_interrupted_and_resumed_is_bit_identical(tmp_
     assert es2.stopped_epoch == es_ref.stopped_epoch
 
 
-def test_resume_of_a_finished_run_with_more_epochs_does_not_train(tmp_path: Path) -> None:
+def test_a_completed_run_continues_with_more_epochs_an_early_stopped_one_does_not(tmp_path: Path) -> None:
     data = _quickstart_data()
     ckpt = tmp_path / "run.ckpt"
     a = _quickstart_model()
-    ha, oa = _fit(a, data, ckpt, epochs=3)
+    _fit(a, data, ckpt, epochs=3)
+    assert checkpoint_info(ckpt)["finished"] == "completed"
+    same = _quickstart_model()
+    h_same, _ = _fit(same, data, ckpt, epochs=3, resume=True)   # nothing left to do
+    np.testing.assert_array_equal(same.params, a.params)
+    assert len(h_same.epoch) == 3
     b = _quickstart_model()
-    hb, ob = _fit(b, data, ckpt, epochs=5, resume=True)
-    _assert_same(a, ha, oa, b, hb, ob)
-    assert len(hb.epoch) == 3
+    hb, ob = _fit(b, data, ckpt, epochs=5, resume=True)          # more epochs: continues (Keras-like)
+    ref = _quickstart_model()
+    href, oref = _fit(ref, data, epochs=5)
+    _assert_same(ref, href, oref, b, hb, ob)
+
+    ckpt2 = tmp_path / "es.ckpt"
+    es_model = _quickstart_model()
+    stop = fd.EarlyStopping(monitor="loss", patience=0, min_delta=1e9)   # stops after the second epoch
+    h_es, _ = _fit(es_model, data, ckpt2, callbacks=[stop], epochs=10)
+    assert h_es.epoch == [0, 1]
+    assert checkpoint_info(ckpt2)["finished"] == "early_stop"
+    c = _quickstart_model()
+    hc, _ = _fit(c, data, ckpt2, callbacks=[fd.EarlyStopping(monitor="loss", patience=0, min_delta=1e9)],
+                 epochs=20, resume=True)
+    np.testing.assert_array_equal(c.params, es_model.params)
+    assert hc.epoch == [0, 1]
 
 
 def test_resume_refuses_mismatched_stateful_callbacks(tmp_path: Path) -> None:
@@ -239,9 +257,26 @@ def test_checkpoint_every_and_the_final_save(tmp_path: Path, monkeypatch) -> Non
     ckpt = tmp_path / "run.ckpt"
     Xtr, ytr, _, _ = data
     _quickstart_model().fit(Xtr, ytr, epochs=7, checkpoint=ckpt, checkpoint_every=3, callbacks=[fd.Callback()])
-    assert saved == [(3, False, []), (6, False, []), (7, True, [])]
+    assert saved == [(3, False, []), (6, False, []), (7, "completed", [])]
     saved.clear()
     with pytest.raises(Crash):  # a crash: no final save, the last periodic one stays
         _fit(_quickstart_model(), data, tmp_path / "b.ckpt", callbacks=[fd.EarlyStopping(), CrashAt(4)], epochs=9)
     assert saved == [(1, False, ["EarlyStopping"]), (2, False, ["EarlyStopping"]), (3, False, ["EarlyStopping"]),
                      (4, False, ["EarlyStopping"])]
+
+
+def test_checkpoint_target_checked_before_training_and_malformed_callback_state(tmp_path: Path) -> None:
+    data = _quickstart_data()
+    with pytest.raises(FileNotFoundError, match="no such directory"):
+        _fit(_quickstart_model(), data, tmp_path / "missing" / "run.ckpt", epochs=2)
+    ckpt = tmp_path / "run.ckpt"
+    with pytest.raises(Crash):
+        _fit(_quickstart_model(), data, ckpt, callbacks=[fd.EarlyStopping(), CrashAt(1)], epochs=4)
+
+    class Picky(fd.EarlyStopping):  # reads a value the file does not have
+        def load_state_dict(self, state):
+            self.extra = state["values"]["extra"]
+
+    Picky.__name__ = "EarlyStopping"
+    with pytest.raises(fd.ModelFileError, match=r"callbacks\[0\] EarlyStopping is malformed.*KeyError"):
+        _fit(_quickstart_model(), data, ckpt, callbacks=[Picky()], resume=True, epochs=4)

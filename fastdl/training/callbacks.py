@@ -346,7 +346,13 @@ def restore_callback_states(callbacks: Iterable[Callback], saved: list[dict[str,
             warnings.warn(f"callbacks[{i}] {type(cb).__name__} has config {config}, but the checkpointed one had "
                           f"{d.get('config')}: the resumed run will not reproduce the interrupted one",
                           RuntimeWarning, stacklevel=_user_stacklevel())
-        cb.load_state_dict({"values": d.get("values", {}), "arrays": d.get("arrays", {})})
+        try:
+            cb.load_state_dict({"values": d.get("values", {}), "arrays": d.get("arrays", {})})
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+            from ..io import ModelFileError
+
+            raise ModelFileError(f"{source}: the saved state of callbacks[{i}] {type(cb).__name__} is malformed "
+                                 f"({type(exc).__name__}: {exc})") from exc
 
 
 class Checkpointer(Callback):
@@ -354,8 +360,9 @@ class Checkpointer(Callback):
 
     Added by ``fit(checkpoint=path)`` as the LAST callback: the final save
     comes after every other ``on_train_end`` (``EarlyStopping(restore_best=
-    True)`` has put the best weights back) and records that training
-    finished, so resuming a finished run returns at once with that state.
+    True)`` has put the best weights back) and records why training ended
+    (``'early_stop'``: ``model.stop_training``; ``'completed'``: the last
+    epoch), so resuming it returns at once with that state (see ``fit``).
     Saves are atomic (a kill mid-save keeps the previous checkpoint). The
     state of every stateful callback of ``callbacks`` (and of the schedule,
     if it has ``state_dict``) goes with it.
@@ -368,7 +375,7 @@ class Checkpointer(Callback):
         self.stateful = [cb for cb in callbacks if is_stateful(cb)]
         self.next_epoch: int | None = None
 
-    def save(self, model, *, next_epoch: int, finished: bool) -> None:
+    def save(self, model, *, next_epoch: int, finished: "bool | str") -> None:
         schedule_state = self.schedule.state_dict() if hasattr(self.schedule, "state_dict") else None
         save_training_state(self.path, model, self.optimizer, model.history, next_epoch=next_epoch,
                             run_info=self.run_info, callback_states=_states(self.stateful), finished=finished,
@@ -384,7 +391,8 @@ class Checkpointer(Callback):
             self.save(model, next_epoch=epoch + 1, finished=False)
 
     def on_train_end(self, model, logs):
-        self.save(model, next_epoch=self.next_epoch, finished=True)
+        why = "early_stop" if model.stop_training else "completed"
+        self.save(model, next_epoch=self.next_epoch, finished=why)
 
 
 class CallbackList:
@@ -423,7 +431,7 @@ class CallbackList:
 
 # ------------------------------------------------------------------------------ checkpoint calls
 def save_training_state(path, model, optimizer, history, *, next_epoch: int, run_info: dict,
-                        callback_states: list[dict], finished: bool, schedule_state: dict | None) -> None:
+                        callback_states: list[dict], finished: "bool | str", schedule_state: dict | None) -> None:
     """``fastdl.checkpoint.save_checkpoint`` with the callback states."""
     from ..checkpoint import save_checkpoint
 

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import numpy as np
 
+from .._atomic import check_target
 from .._validation import check_positive
 from ..data import epoch_permutation
 from ..distributed import get_communicator
@@ -70,10 +71,9 @@ def fit(model: "Sequential", X, y, *, optimizer: Optimizer | None = None, epochs
         If ``checkpoint`` exists, load it (callback states included) and
         continue from the epoch after the one it saved; the result is
         bit-identical to an uninterrupted run (same seed, backend and thread
-        count). A finished checkpoint (early stop or last epoch) returns at
-        once with its final state, whatever ``epochs`` says (to train further,
-        call ``fit`` without ``resume``; ``initial_epoch`` continues the
-        schedule and the shuffle order).
+        count). A checkpoint of a run that stopped early returns at once with
+        its final state; so does one of a run that completed its epochs,
+        unless ``epochs`` is now larger: then training continues (Keras-like).
     distributed : bool or fastdl.distributed.Communicator
         Data-parallel training over MPI (run under ``mpiexec -n N``; see
         :mod:`fastdl.distributed`). ``True`` uses all ranks of the job. Rank
@@ -106,6 +106,8 @@ def fit(model: "Sequential", X, y, *, optimizer: Optimizer | None = None, epochs
     initial_epoch = check_positive("initial_epoch", initial_epoch, integer=True, allow_zero=True)
     checkpoint_every = check_positive("checkpoint_every", checkpoint_every, integer=True)
     user = list(callbacks)
+    if checkpoint is not None and (comm is None or comm.rank == 0):
+        check_target(checkpoint)  # a typo in the directory must not cost the whole run
     history = History()
     run_info = {"n_examples": s.m, "batch_size": s.batch_size, "shuffle": bool(shuffle)}
     if comm is not None and comm.size > 1:
@@ -118,10 +120,11 @@ def fit(model: "Sequential", X, y, *, optimizer: Optimizer | None = None, epochs
     if comm is not None and comm.rank != 0:
         verbose, checkpoint = 0, None  # rank 0 prints and checkpoints
     model.history, model.stop_training = history, False
-    if resumed is not None and resumed.finished:  # the run ended: its final state, no more training
-        if verbose:
-            print(f"checkpoint {checkpoint}: the run had finished after {resumed.next_epoch} epochs; "
-                  "returning its final state (to train further: fit without resume=True)", flush=True)
+    if resumed is not None and (resumed.finished == "early_stop"
+                                or (resumed.finished and epochs <= resumed.next_epoch)):
+        if verbose:  # the run ended: its final state, no more training
+            print(f"checkpoint {checkpoint}: the run had finished after {resumed.next_epoch} epochs "
+                  f"({resumed.finished}); returning its final state", flush=True)
         restore_callback_states(user, resumed.callback_states, f"checkpoint {checkpoint}")
         return history
     runner = make_runner(s, fused)
