@@ -41,8 +41,8 @@ from libc.stdlib cimport free, malloc
 
 from _kernel_common cimport (chunk_size, data, dim, fastdl_max_threads, is_float, nthreads, real, rtype, tc_void,
                              wtype)
+from _kernel_common cimport unsupported
 
-from fastdl.backends import reference as _ref
 
 cnp.import_array()
 
@@ -313,8 +313,7 @@ def batchnorm_forward_train(Z, gamma, beta, double eps, double momentum, running
     if not (is_float(t) and wtype(out, 2) == t and m > 0 and dim(out, 0) == m and dim(out, 1) == n
             and vec(gamma, t, n, False) and vec(beta, t, n, False) and vec(running_mean, t, n, True)
             and vec(running_var, t, n, True) and vec(mean, t, n, True) and vec(inv_std, t, n, True)):
-        return _ref.batchnorm_forward_train(Z, gamma, beta, eps, momentum, running_mean, running_var, mean,
-                                            inv_std, out)
+        raise unsupported("batchnorm_forward_train")
     with nogil:
         if t == cnp.NPY_FLOAT:
             rc = bn_forward_train_c(<float*>data(Z), <float*>data(gamma), <float*>data(beta), eps, momentum,
@@ -339,7 +338,7 @@ def batchnorm_forward_infer(Z, gamma, beta, running_mean, running_var, double ep
     if not (is_float(t) and wtype(out, 2) == t and dim(out, 0) == m and dim(out, 1) == n
             and vec(gamma, t, n, False) and vec(beta, t, n, False) and vec(running_mean, t, n, False)
             and vec(running_var, t, n, False)):
-        return _ref.batchnorm_forward_infer(Z, gamma, beta, running_mean, running_var, eps, out)
+        raise unsupported("batchnorm_forward_infer")
     with nogil:
         if t == cnp.NPY_FLOAT:
             rc = _forward_infer(<float*>data(Z), <float*>data(gamma), <float*>data(beta),
@@ -365,7 +364,7 @@ def batchnorm_backward(Z, gamma, mean, inv_std, dout, dZ, dgamma, dbeta):
             and rtype(dout, 2) == t and dim(dout, 0) == m and dim(dout, 1) == n
             and vec(gamma, t, n, False) and vec(mean, t, n, False) and vec(inv_std, t, n, False)
             and vec(dgamma, t, n, True) and vec(dbeta, t, n, True)):
-        return _ref.batchnorm_backward(Z, gamma, mean, inv_std, dout, dZ, dgamma, dbeta)
+        raise unsupported("batchnorm_backward")
     with nogil:
         if t == cnp.NPY_FLOAT:
             rc = bn_backward_c(<float*>data(Z), <float*>data(gamma), <float*>data(mean), <float*>data(inv_std),

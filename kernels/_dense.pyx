@@ -33,9 +33,9 @@ from libc.string cimport memcpy
 from _kernel_common cimport (FASTDL_CLONES, FASTDL_HAVE_OPENMP, IDENTITY, RELU, SIGMOID, TANH, chunk_size, data, dim,
                              fastdl_max_threads, is_empty, is_float,
                              nthreads, r_relu, r_sigmoid, r_step, r_tanh, real, rtype, tc_void, wtype)
+from _kernel_common cimport unsupported
 
 from fastdl._kernels import _blas
-from fastdl.backends import reference as _ref
 
 cnp.import_array()
 
@@ -254,7 +254,7 @@ def dense_forward(A_prev, W, b, int act, out, int precision=0):
     cdef bint has_b
     check_precision(precision, t)
     if not (is_float(t) and rtype(W, 2) == t and wtype(out, 2) == t and 0 <= act <= 3):
-        return _ref.dense_forward(A_prev, W, b, act, out, precision)
+        raise unsupported("dense_forward")
     m = dim(A_prev, 0)
     n_in = dim(A_prev, 1)
     n_out = dim(W, 1)
@@ -262,7 +262,7 @@ def dense_forward(A_prev, W, b, int act, out, int precision=0):
     if (dim(W, 0) != n_in or dim(out, 0) != m or dim(out, 1) != n_out
             or (has_b and not (rtype(b, 1) == t and dim(b, 0) == n_out))
             or m > INT_MAX or n_in > INT_MAX or n_out > INT_MAX):
-        return _ref.dense_forward(A_prev, W, b, act, out, precision)
+        raise unsupported("dense_forward")
     with nogil:
         if t == cnp.NPY_FLOAT:
             dense_forward_c(<float*>data(A_prev), <float*>data(W), <float*>data(b) if has_b else NULL, has_b,
@@ -284,7 +284,7 @@ def dense_backward(A_prev, W, out, dout, int act, double l2_over_m, dZ, dW, db, 
     check_precision(precision, t)
     if not (is_float(t) and rtype(W, 2) == t and rtype(out, 2) == t and rtype(dout, 2) == t
             and wtype(dZ, 2) == t and wtype(dW, 2) == t and 0 <= act <= 3):
-        return _ref.dense_backward(A_prev, W, out, dout, act, l2_over_m, dZ, dW, db, dA_prev, precision)
+        raise unsupported("dense_backward")
     m = dim(A_prev, 0)
     n_in = dim(A_prev, 1)
     n_out = dim(W, 1)
@@ -296,7 +296,7 @@ def dense_backward(A_prev, W, out, dout, int act, double l2_over_m, dZ, dW, db, 
             or (has_db and not (wtype(db, 1) == t and dim(db, 0) == n_out))
             or (has_dA and not (wtype(dA_prev, 2) == t and dim(dA_prev, 0) == m and dim(dA_prev, 1) == n_in))
             or m > INT_MAX or n_in > INT_MAX or n_out > INT_MAX):
-        return _ref.dense_backward(A_prev, W, out, dout, act, l2_over_m, dZ, dW, db, dA_prev, precision)
+        raise unsupported("dense_backward")
     with nogil:
         if t == cnp.NPY_FLOAT:
             dense_backward_c(<float*>data(A_prev), <float*>data(W), <float*>data(out), <float*>data(dout), act,
@@ -318,7 +318,7 @@ def activation_forward(Z, int act, out):
     cdef Py_ssize_t n
     if not (is_float(t) and wtype(out, 2) == t and 0 <= act <= 3
             and cnp.PyArray_SAMESHAPE(<cnp.ndarray>Z, <cnp.ndarray>out)):
-        return _ref.activation_forward(Z, act, out)
+        raise unsupported("activation_forward")
     n = cnp.PyArray_SIZE(<cnp.ndarray>Z)
     with nogil:
         if t == cnp.NPY_FLOAT:
@@ -334,7 +334,7 @@ def activation_backward(out, dout, int act, dZ):
     if not (is_float(t) and rtype(dout, 2) == t and wtype(dZ, 2) == t and 0 <= act <= 3
             and cnp.PyArray_SAMESHAPE(<cnp.ndarray>out, <cnp.ndarray>dout)
             and cnp.PyArray_SAMESHAPE(<cnp.ndarray>out, <cnp.ndarray>dZ)):
-        return _ref.activation_backward(out, dout, act, dZ)
+        raise unsupported("activation_backward")
     n = cnp.PyArray_SIZE(<cnp.ndarray>out)
     with nogil:
         if t == cnp.NPY_FLOAT:

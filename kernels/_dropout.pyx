@@ -14,8 +14,8 @@ from cython.parallel cimport prange
 from libc.stdint cimport uint8_t, uint32_t, uint64_t
 
 from _kernel_common cimport chunk_size, data, is_float, nthreads, real, rtype, tc_void, wtype
+from _kernel_common cimport unsupported
 
-from fastdl.backends import reference as _ref
 
 cnp.import_array()
 
@@ -115,7 +115,7 @@ def dropout_forward(A, double keep_prob, seed, step, layer, mask, out):
     cdef Py_ssize_t n
     if not (is_float(t) and wtype(out, 2) == t and wtype(mask, 2) == cnp.NPY_UBYTE
             and same_shape(A, out) and same_shape(A, mask) and 0.0 < keep_prob <= 1.0):
-        return _ref.dropout_forward(A, keep_prob, seed, step, layer, mask, out)
+        raise unsupported("dropout_forward")
     key = _key(seed, step, layer)
     thr = <uint64_t>(keep_prob * 4294967296.0)     # float64 product, truncated
     n = cnp.PyArray_SIZE(<cnp.ndarray>A)
@@ -133,7 +133,7 @@ def dropout_backward(dout, mask, double keep_prob, dA):
     cdef Py_ssize_t n
     if not (is_float(t) and wtype(dA, 2) == t and rtype(mask, 2) == cnp.NPY_UBYTE
             and same_shape(dout, dA) and same_shape(dout, mask) and keep_prob > 0.0):
-        return _ref.dropout_backward(dout, mask, keep_prob, dA)
+        raise unsupported("dropout_backward")
     n = cnp.PyArray_SIZE(<cnp.ndarray>dout)
     with nogil:
         if t == cnp.NPY_FLOAT:

@@ -248,3 +248,16 @@ cdef inline double row_sumsq(const real* x, Py_ssize_t k) noexcept nogil:
         v = x[j]
         s += v * v
     return s
+
+
+# ----------------------------------------------------------------- rejected arguments
+
+cdef inline object unsupported(str name):
+    """The error of a raw (unchecked) kernel given arguments off its compiled fast path.
+
+    No silent conversion or slow fallback: the raw kernels are the executors' entry points and get
+    exactly what they need; fastdl.get_backend(...).<kernel> is the validated public entry point.
+    """
+    return ValueError(f"{name}: arguments outside the compiled kernel's contract (one float32/float64 dtype, "
+                      f"C-contiguous aligned native-order arrays of matching shapes); call "
+                      f"fastdl.get_backend('cython').{name}(...) for a checked call that names the wrong argument")

@@ -27,8 +27,8 @@ from libc.string cimport memset
 from _kernel_common cimport (data, dim, fastdl_expf, fastdl_log1pf, fastdl_max_threads, fastdl_reluf, fastdl_self,
                              is_empty, is_float, is_int64, nthreads, r_exp, real, real2, row_max, row_sum, rtype,
                              tc_double, tc_void, wtype)
+from _kernel_common cimport unsupported
 
-from fastdl.backends import reference as _ref
 
 cnp.import_array()
 
@@ -402,7 +402,7 @@ def softmax_cross_entropy(Z, y, dZ, w=None):
     grad = not is_empty(dZ)
     if not (is_float(t) and m > 0 and k > 0 and is_int64(y) and dim(y, 0) == m
             and (not grad or (wtype(dZ, 2) == t and dim(dZ, 0) == m and dim(dZ, 1) == k))):
-        return _ref.softmax_cross_entropy(Z, y, dZ) if w is None else _ref.softmax_cross_entropy(Z, y, dZ, w)
+        raise unsupported("softmax_cross_entropy")
     wp = weights_of(w, m, &sw)
     yp = <const int64_t*>data(y)
     for i in range(m):
@@ -434,7 +434,7 @@ def softmax(Z, out):
         m = dim(Z, 0)
         k = dim(Z, 1)
     if not (is_float(t) and k > 0 and wtype(out, 2) == t and dim(out, 0) == m and dim(out, 1) == k):
-        return _ref.softmax(Z, out)
+        raise unsupported("softmax")
     with nogil:
         if t == cnp.NPY_FLOAT:
             _softmax(<float*>data(Z), <float*>data(out), m, k)
@@ -468,7 +468,7 @@ def sigmoid_bce(Z, y, dZ, w=None):
     grad = not is_empty(dZ)
     if not (is_float(t) and m > 0 and k > 0 and y_ok
             and (not grad or (wtype(dZ, 2) == t and dim(dZ, 0) == m and dim(dZ, 1) == k))):
-        return _ref.sigmoid_bce(Z, y, dZ) if w is None else _ref.sigmoid_bce(Z, y, dZ, w)
+        raise unsupported("sigmoid_bce")
     wp = weights_of(w, m, &sw)
     buf = loss_buffer(m)
     with nogil:
@@ -508,7 +508,7 @@ def mse(Yhat, Y, dZ, w=None):
     grad = not is_empty(dZ)
     if not (is_float(t) and m > 0 and is_float(ty) and dim(Y, 0) == m and dim(Y, 1) == k
             and (not grad or (wtype(dZ, 2) == t and dim(dZ, 0) == m and dim(dZ, 1) == k))):
-        return _ref.mse(Yhat, Y, dZ) if w is None else _ref.mse(Yhat, Y, dZ, w)
+        raise unsupported("mse")
     wp = weights_of(w, m, &sw)
     buf = loss_buffer(loss_buffer_size(m, k))
     with nogil:

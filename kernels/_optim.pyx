@@ -22,10 +22,10 @@ from cython.parallel cimport prange
 from libc.stdlib cimport free, malloc
 
 from _kernel_common cimport chunk_size, data, dim, is_float, nthreads, r_sqrt, real, row_sumsq, rtype, tc_void, wtype
+from _kernel_common cimport unsupported
 
 import numpy as np
 
-from fastdl.backends import reference as _ref
 
 cnp.import_array()
 
@@ -287,7 +287,7 @@ def sgd_step(params, grads, double lr):
     cdef Py_ssize_t n = 0
     cdef int t = flat_type(params, grads, &n)
     if t < 0:
-        return _ref.sgd_step(params, grads, lr)
+        raise unsupported("sgd_step")
     step_any(t, OPT_SGD, params, grads, None, None, n, 0.0, 0.0, 0.0, lr, 0.0)
 
 
@@ -296,7 +296,7 @@ def momentum_step(params, grads, v, double beta, double c1):
     cdef Py_ssize_t n = 0
     cdef int t = flat_type(params, grads, &n)
     if t < 0 or not state_ok(v, t, n):
-        return _ref.momentum_step(params, grads, v, beta, c1)
+        raise unsupported("momentum_step")
     step_any(t, OPT_MOMENTUM, params, grads, v, None, n, beta, 0.0, 0.0, c1, 0.0)
 
 
@@ -305,7 +305,7 @@ def rmsprop_step(params, grads, s, double lr, double beta2, double eps):
     cdef Py_ssize_t n = 0
     cdef int t = flat_type(params, grads, &n)
     if t < 0 or not state_ok(s, t, n):
-        return _ref.rmsprop_step(params, grads, s, lr, beta2, eps)
+        raise unsupported("rmsprop_step")
     step_any(t, OPT_RMSPROP, params, grads, None, s, n, 0.0, beta2, eps, lr, 0.0)
 
 
@@ -314,7 +314,7 @@ def adam_step(params, grads, v, s, double beta1, double beta2, double eps, doubl
     cdef Py_ssize_t n = 0
     cdef int t = flat_type(params, grads, &n)
     if t < 0 or not state_ok(v, t, n) or not state_ok(s, t, n):
-        return _ref.adam_step(params, grads, v, s, beta1, beta2, eps, c1, c2)
+        raise unsupported("adam_step")
     step_any(t, OPT_ADAM, params, grads, v, s, n, beta1, beta2, eps, c1, c2)
 
 
@@ -323,7 +323,7 @@ def nesterov_step(params, grads, v, double mu, double c1, bint nesterov):
     cdef Py_ssize_t n = 0
     cdef int t = flat_type(params, grads, &n)
     if t < 0 or not state_ok(v, t, n):
-        return _ref.nesterov_step(params, grads, v, mu, c1, nesterov)
+        raise unsupported("nesterov_step")
     step_any(t, OPT_NESTEROV if nesterov else OPT_CLASSICAL_MOMENTUM, params, grads, v, None, n, mu, 0.0, 0.0,
              c1, 0.0)
 
@@ -355,7 +355,7 @@ def all_finite(x):
     cdef int t = rtype(x, 1)
     cdef int bad
     if not is_float(t):
-        return _ref.all_finite(x)
+        raise unsupported("all_finite")
     with nogil:
         if t == cnp.NPY_FLOAT:
             bad = any_nonfinite_c(<float*>data(x), dim(x, 0))
@@ -370,7 +370,7 @@ def sum_squares(x):
     cdef double out = 0.0
     cdef int rc
     if not is_float(t):
-        return _ref.sum_squares(x)
+        raise unsupported("sum_squares")
     with nogil:
         if t == cnp.NPY_FLOAT:
             rc = sum_squares_c(<float*>data(x), dim(x, 0), &out, NULL)

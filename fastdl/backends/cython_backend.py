@@ -8,8 +8,9 @@ back to the other backends.
 The names below are the compiled functions themselves (no Python wrapper),
 with the reference signatures. Each validates its arguments on the NumPy C
 API (dtype float32/float64 shared by all float arrays, C-contiguous, aligned,
-native byte order, writeable outputs, matching shapes) and hands anything
-else to the reference kernel, which handles or rejects it. BLAS (GEMM):
+native byte order, writeable outputs, matching shapes) and raises ValueError
+for anything else (the validated entry points, ``get_backend('cython').<kernel>``,
+say which argument is wrong). BLAS (GEMM):
 see :mod:`fastdl.backends.blas` (MKL when installed, else SciPy's OpenBLAS); elementwise passes use OpenMP threads
 above per-kernel size thresholds when the build has OpenMP
 (:func:`fastdl._build_info.openmp_enabled`), and respect
@@ -27,7 +28,9 @@ from __future__ import annotations
 # which the kernels' size thresholds absorb. Same setting as the Numba
 # backend; it only takes effect if libgomp is not loaded yet, and an explicit
 # user setting always wins.
-# OMP_WAIT_POLICY=PASSIVE is set by fastdl.backends (imported before this module); see there.
+from fastdl.backends.runtime import prepare_openmp  # noqa: E402
+
+prepare_openmp()  # OMP_WAIT_POLICY before libgomp loads (fastdl.backends.runtime)
 
 from fastdl.backends import blas as _blas_choice  # noqa: E402
 
