@@ -95,3 +95,14 @@ def test_user_callback_hooks_order_and_stop_training() -> None:
     assert [e[1] for e in events if e[0] == "epoch"] == [0, 1]
     assert events[1][2] == ["cost", "error", "loss", "lr"]
     assert h.epoch == [0, 1]
+
+
+def test_fit_warnings_point_at_the_callers_line() -> None:
+    X, y = _data(20)
+    from fastdl.training import fit
+
+    for call in (lambda: _model().fit(X, y, epochs=1, batch_size=64), lambda: fit(_model(), X, y, epochs=1,
+                                                                                  batch_size=64)):
+        with pytest.warns(UserWarning, match="larger than the 20 examples") as rec:
+            call()
+        assert rec[0].filename == __file__

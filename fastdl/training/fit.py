@@ -16,7 +16,7 @@ from ..distributed import get_communicator
 from ..optim import Adam, Optimizer
 from ..schedules import Schedule, get_schedule
 from .callbacks import Callback, CallbackList, Checkpointer, NormRecorder, ProgressBar
-from .callbacks import load_training_state, restore_callback_states
+from .callbacks import _user_stacklevel, load_training_state, restore_callback_states
 from .history import History, TrainingDiverged
 from .runners import EpochResult, Runner, Setup, make_runner
 
@@ -184,7 +184,7 @@ def _setup(model, X, y, optimizer, epochs, batch_size, validation_data, lr_sched
     if batch_size * world > m:
         ranks = f" (x {world} ranks)" if world > 1 else ""
         warnings.warn(f"batch_size={batch_size}{ranks} is larger than the {m} examples; using "
-                      f"{-(-m // world)}", stacklevel=4)
+                      f"{-(-m // world)}", stacklevel=_user_stacklevel())
         batch_size = -(-m // world)
     val = None
     if validation_data is not None:
