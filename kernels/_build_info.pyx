@@ -1,12 +1,7 @@
 # cython: language_level=3
 """Facts about how the compiled extensions were built."""
 
-cdef extern from *:
-    """
-    #ifndef FASTDL_OPENMP
-    #define FASTDL_OPENMP 0
-    #endif
-    """
+cdef extern from "fastdl_build_info.h":
     int FASTDL_OPENMP
 
 def openmp_enabled() -> bool:
