@@ -336,3 +336,32 @@ def test_backend_object_offers_the_executor():
     ex = get_backend("cython").epoch_executor(model.plan, 16, fd.optim.Adam().spec())
     assert isinstance(ex, cb.epoch_executor(model.plan, 16, fd.optim.Adam().spec()).__class__)
     assert ex.plan is model.plan and ex.batch_size == 16 and ex.opt_spec.kind == OPT_ADAM
+
+
+THREADS_PROBE = """
+import hashlib, sys
+import numpy as np
+sys.path.insert(0, {tests!r})
+import test_cython_epoch as t
+ref, fus = t.run_both("softmax_cross_entropy", "float32", "adam", N=600, B=256, epochs=1, widths=(4100, 128),
+                      n_features=64, k=10, keep=0.7, l2=0.01)
+print(hashlib.sha256(fus.params.tobytes() + fus.state.tobytes()).hexdigest())
+"""
+
+
+def test_epoch_independent_of_the_thread_count():
+    # wide layers run their passes on 2 threads when allowed: the epoch's result must not change
+    # with OMP_NUM_THREADS (bit-exact resume on another machine)
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = THREADS_PROBE.format(tests=str(Path(__file__).parent))
+    digests = set()
+    for nt in ("1", "2"):
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                              env={**os.environ, "OMP_NUM_THREADS": nt})
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        digests.add(proc.stdout.strip().splitlines()[-1])
+    assert len(digests) == 1, digests
