@@ -455,6 +455,11 @@ class _BaseMLP(BaseEstimator):
                 raise ValueError(f"X has {X.shape[1]} features, but the network expects {self.coefs_[0].shape[0]}")
             if Y.shape[1] != self.n_outputs_:
                 raise ValueError(f"y has {Y.shape[1]} outputs, but the network was fitted with {self.n_outputs_}")
+            fitted_hidden = [c.shape[1] for c in self.coefs_[:-1]]
+            if fitted_hidden != hidden:
+                raise ValueError(f"hidden_layer_sizes is {tuple(hidden)} but the fitted network has "
+                                 f"{tuple(fitted_hidden)}: continuing (warm_start / partial_fit) needs the same "
+                                 "architecture; set warm_start=False to train a new network")
         targets = self._targets(Y)
         if self.solver == "lbfgs":
             self._fit_lbfgs(X, targets, sw)
@@ -511,6 +516,10 @@ class _BaseMLP(BaseEstimator):
 
     def _fit_stochastic(self, X, targets, Y, sw, incremental: bool) -> None:
         model = self.model_
+        if not hasattr(self, "loss_curve_"):  # continuing an L-BFGS fit with a stochastic solver
+            self.loss_curve_, self._no_improvement_count = [], 0
+            self.best_loss_, self.validation_scores_, self.best_validation_score_ = (
+                (None, [], -np.inf) if self.early_stopping else (np.inf, None, None))
         if not incremental or "optimizer_" not in self.__dict__:
             self.optimizer_ = self._make_optimizer(model.backend_name)
         opt = self.optimizer_

@@ -381,3 +381,17 @@ def test_bf16_precision_trains_a_float32_network():
     assert clf.score(X, y) > 0.9
     # bf16 rounding changes the numbers, not the training
     assert abs(clf.loss_ - fp.loss_) < 0.05 and not np.array_equal(clf.model_.params, fp.model_.params)
+
+
+def test_warm_start_keeps_the_network_and_refuses_a_new_architecture():
+    X, y = _digits()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        clf = MLPClassifier(hidden_layer_sizes=(10,), solver="lbfgs", max_iter=5, warm_start=True,
+                            random_state=0).fit(X, y)
+        model = clf.model_
+        clf.set_params(solver="adam").fit(X, y)          # continue the same network with another solver
+        assert clf.model_ is model and len(clf.loss_curve_) == clf.n_iter_
+        clf.set_params(hidden_layer_sizes=(12,))
+        with pytest.raises(ValueError, match="hidden_layer_sizes"):
+            clf.fit(X, y)
