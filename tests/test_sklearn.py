@@ -73,16 +73,18 @@ def _digits():
     return StandardScaler().fit_transform(X)[:400], y[:400]
 
 
+@pytest.mark.parametrize("backend", ["reference", "auto"])
 @pytest.mark.parametrize("solver,extra", [("sgd", {"momentum": 0.0}), ("sgd", {"nesterovs_momentum": False}),
-                                          ("sgd", {}), ("adam", {})])
-def test_same_trajectory_as_sklearn_float64(solver, extra):
+                                          ("sgd", {}), ("adam", {}),
+                                          ("sgd", {"learning_rate": "invscaling", "power_t": 0.3})])
+def test_same_trajectory_as_sklearn_float64(solver, extra, backend):
     """Same init, shuffles, batches and updates as scikit-learn: float64 weights agree closely."""
     X, y = _digits()
     kw = dict(hidden_layer_sizes=(20,), solver=solver, max_iter=5, random_state=3, learning_rate_init=0.01,
               batch_size=64, alpha=1e-3, **extra)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
-        ours = MLPClassifier(backend="reference", **kw).fit(X, y)
+        ours = MLPClassifier(backend=backend, **kw).fit(X, y)
         ref = skn.MLPClassifier(**kw).fit(X, y)
     assert ours.n_iter_ == ref.n_iter_ == 5
     assert ours.t_ == ref.t_
@@ -395,3 +397,28 @@ def test_warm_start_keeps_the_network_and_refuses_a_new_architecture():
         clf.set_params(hidden_layer_sizes=(12,))
         with pytest.raises(ValueError, match="hidden_layer_sizes"):
             clf.fit(X, y)
+
+
+@pytest.mark.parametrize("early_stopping", [False, True])
+def test_stopping_and_adaptive_rate_follow_sklearn(early_stopping):
+    """Same validation split, same no-improvement counts, same rate divisions, same stopping epoch."""
+    X, y = _digits()
+    kw = dict(hidden_layer_sizes=(16,), solver="sgd", learning_rate="adaptive", learning_rate_init=0.05,
+              tol=0.02 if not early_stopping else 0.005, n_iter_no_change=2, max_iter=80, random_state=1,
+              early_stopping=early_stopping, validation_fraction=0.2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        ours = MLPClassifier(backend="reference", **kw).fit(X, y)
+        ref = skn.MLPClassifier(**kw).fit(X, y)
+    assert ours.n_iter_ == ref.n_iter_ < 80
+    assert ours._optimizer.learning_rate == pytest.approx(ref._optimizer.learning_rate)
+    assert ours._optimizer.learning_rate < 0.05      # the adaptive rule fired
+    np.testing.assert_allclose(ours.loss_curve_, ref.loss_curve_, rtol=1e-9)
+    if early_stopping:
+        assert ours.validation_scores_ == ref.validation_scores_
+        assert ours.best_validation_score_ == ref.best_validation_score_
+        assert ours.best_loss_ is None
+    else:
+        assert ours.best_loss_ == pytest.approx(ref.best_loss_, rel=1e-9)
+    for a, b in zip(ours.coefs_, ref.coefs_):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-8)
