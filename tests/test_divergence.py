@@ -88,3 +88,16 @@ def test_nan_cost_names_the_step_in_the_epoch(backend, fused) -> None:
     assert (info.value.epoch, info.value.step) == (1, 3)
     assert "epoch 1, step 3 of 4" in str(info.value)
     assert model.step_count == 0
+
+
+def test_data_parallel_runner_divergence_restores_too() -> None:
+    from fastdl.distributed import Communicator
+
+    X, y = _data()
+    model = fd.Sequential([fd.Dense(8, 6), fd.ReLU(), fd.Dense(6, 3)], backend="cython")
+    before = model.params.copy()
+    opt = fd.SGD(lr=1e39)
+    with np.errstate(all="ignore"), pytest.raises(fd.TrainingDiverged, match=r"epoch 1, step 1 of 1"):
+        model.fit(X, y, optimizer=opt, epochs=1, batch_size=64, distributed=Communicator())
+    np.testing.assert_array_equal(model.params, before)
+    assert model.step_count == 0 and opt.t == 0

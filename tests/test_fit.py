@@ -162,3 +162,23 @@ def test_fit_is_short() -> None:
     assert len(lines) <= 80, len(lines)
     # and nothing of the old monolith: runners and callbacks do the work
     assert "_loss_and_grads" not in src and "tqdm" not in src and "save_checkpoint" not in src
+
+
+def test_data_parallel_runner_on_one_process_equals_per_layer() -> None:
+    # a one-process group runs the data-parallel runner (shard, all-reduce, update) in-process
+    from fastdl.distributed import Communicator
+
+    X, y = _data()
+    runs = []
+    for distributed in (False, Communicator()):
+        model = fd.Sequential([fd.Dense(10, 12), fd.BatchNorm(12), fd.ReLU(), fd.Dense(12, 4)], l2=1e-2,
+                              backend="cython", seed=3)
+        rec = Recorder()
+        h, o = _train(model, X, y, fused=False, distributed=distributed, callbacks=[rec])
+        runs.append((model, h, o))
+        assert len(rec.calls) == 3 * 7  # per step
+    _assert_same_training(*runs[0], *runs[1])
+    with pytest.raises(ValueError, match="fused=True.*distributed"):
+        _model().fit(X, y, epochs=1, batch_size=8, fused=True, distributed=Communicator())
+    with pytest.raises(ValueError, match="sample_weight is not supported with distributed"):
+        _model().fit(X, y, epochs=1, batch_size=8, distributed=Communicator(), sample_weight=np.ones(len(X)))
