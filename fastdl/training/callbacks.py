@@ -43,7 +43,8 @@ class Callback:
 
     ``on_batch_end(model, batch, logs)``: ``logs['costs']`` holds the costs
     ``J`` of the mini-batches trained since the previous call and
-    ``logs['size']`` their number of examples; ``batch`` is the index (in
+    ``logs['size']`` their number of examples (``costs`` is a view of the
+    runner's buffer, valid during the call: copy it to keep it); ``batch`` is the index (in
     the epoch, from 0) of the last of them. Per-step runners (per-layer,
     ``augment``, distributed) call it after every mini-batch; the fused
     runner (a whole epoch in one compiled call) once per epoch with every
