@@ -221,7 +221,82 @@ def test_compile_touches_no_caller_state():
     np.testing.assert_array_equal(m.state, before[1])
 
 
-def test_bf16_plan_is_refused_until_implemented():
-    m = fd.Sequential(_layers(4, (5,), 3, bn=False, keep=1.0), precision="bf16", dtype="float32", backend="numba")
-    with pytest.raises(NotImplementedError, match="bf16"):
-        get_backend("numba").epoch_executor(m.plan, 4, fd.SGD().spec())
+@pytest.mark.parametrize("loss", ["softmax_cross_entropy", "mse"])
+def test_fused_epoch_bf16_bit_identical_to_per_layer(loss):
+    # precision='bf16': every Dense GEMM through the bf16 GEMM, in both paths
+    with use_thresholds(LOW):
+        X, y = _data(loss, 90, 11, 4, np.float32)
+        models = [fd.Sequential(_layers(11, (23, 19), 4, bn=True, keep=0.8), loss=loss, l2=0.01, precision="bf16",
+                                dtype="float32", backend="numba", seed=5) for _ in range(2)]
+        opts = [fd.Adam(lr=0.01, backend="numba") for _ in range(2)]
+        perm = np.random.default_rng(2).permutation(90).astype(np.int64)
+        lrs = np.full(3, 0.01)
+        c_ref, l_ref, w_ref = _per_layer_epoch(models[0], opts[0], X, y, np.empty(0), perm, 32, lrs)
+        c_fz, l_fz, w_fz, done, status = _fused_epoch(models[1], opts[1], X, y, np.empty(0), perm, 32, lrs)
+        assert (done, status) == (3, 0) and w_fz == w_ref
+        np.testing.assert_array_equal(c_fz, c_ref)
+        _assert_same(models[0], opts[0], models[1], opts[1])
+        # and bf16 is not fp32: the same model in fp32 ends elsewhere
+        m32 = fd.Sequential(_layers(11, (23, 19), 4, bn=True, keep=0.8), loss=loss, l2=0.01, dtype="float32",
+                            backend="numba", seed=5)
+        _fused_epoch(m32, fd.Adam(lr=0.01, backend="numba"), X, y, np.empty(0), perm, 32, lrs)
+        assert not np.array_equal(m32.params, models[1].params)
+
+
+@pytest.mark.parametrize("act", [0, 1, 2, 3])
+def test_numba_bf16_dense_kernels_match_the_reference_emulation(act):
+    from fastdl.backends import numba as nb
+    from fastdl.backends import reference as ref
+
+    rng = np.random.default_rng(act)
+    for m, n_in, n_out in ((1, 3, 2), (37, 19, 11), (130, 65, 33)):
+        A = rng.standard_normal((m, n_in)).astype(np.float32)
+        W = rng.standard_normal((n_in, n_out)).astype(np.float32)
+        b = rng.standard_normal(n_out).astype(np.float32)
+        outs = [np.empty((m, n_out), np.float32) for _ in range(2)]
+        nb.dense_forward(A, W, b, act, outs[0], 1)
+        ref.dense_forward(A, W, b, act, outs[1], 1)
+        np.testing.assert_allclose(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+        dout = rng.standard_normal((m, n_out)).astype(np.float32)
+        res = []
+        for mod in (nb, ref):
+            r = (np.empty_like(dout), np.empty_like(W), np.empty_like(b), np.empty_like(A))
+            mod.dense_backward(A, W, outs[1], dout.copy(), act, 0.25, *r, 1)
+            res.append(r)
+        for x, z in zip(*res):
+            np.testing.assert_allclose(x, z, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="float32"):
+        A64 = np.ones((2, 2))
+        nb.dense_forward(A64, A64, np.ones(2), act, np.empty((2, 2)), 1)
+
+
+def test_bf16_on_a_float64_plan_is_refused():
+    m = fd.Sequential(_layers(4, (5,), 3, bn=False, keep=1.0), dtype="float64", backend="numba")
+    plan = m.plan
+    import dataclasses
+
+    bad = dataclasses.replace(plan, ops=tuple(dataclasses.replace(op, precision=1) for op in plan.ops),
+                              precision=1, _layouts={})
+    with pytest.raises(ValueError, match="float32"):
+        get_backend("numba").epoch_executor(bad, 4, fd.SGD().spec())
+
+
+def test_numpy_bf16_gemm_standin_rounds_both_operands():
+    # the numba backend's bf16 GEMM when fastdl._kernels is not built
+    import ctypes
+
+    from fastdl.backends.numba.dense import _numpy_bf16_gemm_standin
+    from fastdl.backends.reference import round_to_bf16
+
+    fn = ctypes.CFUNCTYPE(None, *([ctypes.c_int] * 5), ctypes.c_float, ctypes.c_void_p, ctypes.c_int,
+                          ctypes.c_void_p, ctypes.c_int, ctypes.c_float, ctypes.c_void_p, ctypes.c_int)(
+        _numpy_bf16_gemm_standin())
+    rng = np.random.default_rng(4)
+    A = rng.standard_normal((5, 3)).astype(np.float32)
+    B = rng.standard_normal((3, 4)).astype(np.float32)
+    A[0, 0] = np.nan
+    C = np.zeros((5, 4), np.float32)
+    fn(0, 0, 5, 4, 3, 1.0, A.ctypes.data, 3, B.ctypes.data, 4, 0.0, C.ctypes.data, 4)
+    expected = round_to_bf16(A) @ round_to_bf16(B)
+    np.testing.assert_allclose(C[1:], expected[1:], rtol=1e-6)
+    assert np.isnan(C[0]).all() and not np.array_equal(C[1:], (A @ B)[1:])

@@ -156,10 +156,11 @@ def _bad_act(act) -> ValueError:
                       "(fastdl.backends.contract.ACTIVATION_CODES)")
 
 
-def _bad_precision(precision) -> Exception:
-    if precision == 1:
-        return NotImplementedError("precision=1 (bf16 GEMMs) is not implemented by the numba backend yet")
-    return ValueError(f"unknown precision {precision!r}; use 0 (fp32) or 1 (bf16)")
+def _check_precision(precision, out) -> None:
+    if precision not in (0, 1):
+        raise ValueError(f"unknown precision {precision!r}; use 0 (fp32) or 1 (bf16)")
+    if precision == 1 and out.dtype != np.float32:
+        raise ValueError(f"precision=1 (bf16 GEMMs) needs float32 arrays, got {out.dtype}")
 
 
 _I32 = types.int32
@@ -172,6 +173,21 @@ def _gemm_signature(t):
 
 _sgemm_rm = types.ExternalFunction("fastdl_sgemm_rm", _gemm_signature(types.float32))
 _dgemm_rm = types.ExternalFunction("fastdl_dgemm_rm", _gemm_signature(types.float64))
+# bf16 GEMM (docs/spec.md section 13): both operands rounded to bfloat16, float32 accumulation
+_bf16gemm_rm = types.ExternalFunction("fastdl_bf16gemm_rm", _gemm_signature(types.float32))
+
+
+@_jit
+def _round_bf16(x):
+    """float32 array rounded in place to bfloat16 (nearest-even; NaN stays NaN), returned (njit/cfunc use)."""
+    u = x.reshape(x.size).view(np.uint32)
+    for i in range(u.shape[0]):
+        v = u[i]
+        if (v & np.uint32(0x7F800000)) == np.uint32(0x7F800000) and (v & np.uint32(0x007FFFFF)) != 0:
+            u[i] = v | np.uint32(0x00400000)          # NaN: quiet, keep it NaN
+        else:
+            u[i] = (v + np.uint32(0x7FFF) + ((v >> np.uint32(16)) & np.uint32(1))) & np.uint32(0xFFFF0000)
+    return x
 
 
 def _numpy_gemm_standins() -> tuple[int, int]:
@@ -181,7 +197,7 @@ def _numpy_gemm_standins() -> tuple[int, int]:
     """
     from numba import carray, cfunc
 
-    def make(nbt):
+    def make(nbt, bf16=False):
         @cfunc(types.void(_I32, _I32, _I32, _I32, _I32, nbt, types.CPointer(nbt), _I32, types.CPointer(nbt), _I32,
                           nbt, types.CPointer(nbt), _I32))
         def gemm(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc):
@@ -194,14 +210,26 @@ def _numpy_gemm_standins() -> tuple[int, int]:
                 return
             a = carray(A, (K, lda))[:, :M].T if ta else carray(A, (M, lda))[:, :K]
             b = carray(B, (N, ldb))[:, :K].T if tb else carray(B, (K, ldb))[:, :N]
-            prod = np.dot(np.ascontiguousarray(a), np.ascontiguousarray(b))
+            a = np.ascontiguousarray(a)
+            b = np.ascontiguousarray(b)
+            if bf16:   # round to bfloat16, nearest-even (NaN stays NaN), as float32 values
+                a = _round_bf16(a.copy())
+                b = _round_bf16(b.copy())
+            prod = np.dot(a, b)
             for i in range(M):
                 for j in range(N):
                     c[i, j] = alpha * prod[i, j] + (beta * c[i, j] if beta != 0 else 0)
         return gemm
 
-    _standins[:] = [make(types.float32), make(types.float64)]
+    _standins[:] = [make(types.float32), make(types.float64), make(types.float32, True)]
     return _standins[0].address, _standins[1].address
+
+
+def _numpy_bf16_gemm_standin() -> int:
+    """The bf16 GEMM stand-in (operands rounded to bfloat16, then np.dot in float32) of the above."""
+    if len(_standins) < 3:
+        _numpy_gemm_standins()
+    return _standins[2].address
 
 
 _standins: list = []
@@ -212,25 +240,32 @@ def _register_gemm() -> None:
         from fastdl._kernels import _blas  # noqa: F401
     except ImportError:  # extensions not built
         s, d = _numpy_gemm_standins()
+        h = _numpy_bf16_gemm_standin()
     else:
         from ..blas import rowmajor_addresses
 
-        # FASTDL_BLAS=mkl without MKL: ImportError, the backend is unavailable. The bf16 GEMM's address
-        # (third, when built) is for helper B's precision=1 branch.
-        s, d = rowmajor_addresses()[:2]
+        # FASTDL_BLAS=mkl without MKL: ImportError, the backend is unavailable
+        s, d, h = rowmajor_addresses()[:3]
     llvmlite.binding.add_symbol("fastdl_sgemm_rm", s)
     llvmlite.binding.add_symbol("fastdl_dgemm_rm", d)
+    llvmlite.binding.add_symbol("fastdl_bf16gemm_rm", h)
 
 
 _register_gemm()
 
 
 @_jit
-def _gemm_rm(A, trans_a, B, trans_b, C, beta):
-    """``C = op(A) @ op(B) + beta * C`` on C-contiguous 2-D arrays (op(X) = X.T when trans_x)."""
+def _gemm_rm(A, trans_a, B, trans_b, C, beta, precision):
+    """``C = op(A) @ op(B) + beta * C`` on C-contiguous 2-D arrays (op(X) = X.T when trans_x).
+
+    ``precision`` 1 (float32 only; the callers check): operands rounded to bfloat16.
+    """
     M, N = C.shape
     K = A.shape[0] if trans_a else A.shape[1]
-    if C.itemsize == 4:
+    if C.itemsize == 4 and precision == 1:
+        _bf16gemm_rm(_I32(trans_a), _I32(trans_b), _I32(M), _I32(N), _I32(K), np.float32(1.0), A.ctypes.data,
+                     _I32(A.shape[1]), B.ctypes.data, _I32(B.shape[1]), np.float32(beta), C.ctypes.data, _I32(N))
+    elif C.itemsize == 4:
         _sgemm_rm(_I32(trans_a), _I32(trans_b), _I32(M), _I32(N), _I32(K), np.float32(1.0), A.ctypes.data,
                   _I32(A.shape[1]), B.ctypes.data, _I32(B.shape[1]), np.float32(beta), C.ctypes.data, _I32(N))
     else:
@@ -242,9 +277,9 @@ def _gemm_rm(A, trans_a, B, trans_b, C, beta):
 
 
 @_jit
-def dense_forward_impl(A_prev, W, b, act, out, parallel):
+def dense_forward_impl(A_prev, W, b, act, out, parallel, precision):
     """GEMM, then bias + activation over row chunks (``parallel``: a prange over them)."""
-    _gemm_rm(A_prev, False, W, False, out, 0.0)
+    _gemm_rm(A_prev, False, W, False, out, 0.0, precision)
     m, n = out.shape
     rpc = rows_per_chunk(m, n)
     _bias_act(parallel, n_chunks(m, rpc), rpc, out, b, act)
@@ -254,13 +289,13 @@ def dense_forward(A_prev, W, b, act: int, out, precision: int = 0) -> None:
     """``out = g(A_prev @ W + b)``: BLAS GEMM, then bias + activation in one pass."""
     if not 0 <= act <= 3:
         raise _bad_act(act)
-    if precision != 0:
-        raise _bad_precision(precision)
-    dense_forward_impl(A_prev, W, b, act, out, act >= TANH and out.size >= current_thresholds()[T_BIAS_ACT])
+    _check_precision(precision, out)
+    dense_forward_impl(A_prev, W, b, act, out, act >= TANH and out.size >= current_thresholds()[T_BIAS_ACT],
+                       precision)
 
 
 @_jit
-def dense_backward_impl(A_prev, W, out, dout, act, l2_over_m, dZ, dW, db, dA_prev):
+def dense_backward_impl(A_prev, W, out, dout, act, l2_over_m, dZ, dW, db, dA_prev, precision):
     m, n = dZ.shape
     # one call over the whole (contiguous) batch: per-row calls cost more than the arithmetic
     _act_grad_chunk(out.reshape(out.size), dout.reshape(dout.size), act, dZ.reshape(dZ.size))
@@ -272,18 +307,23 @@ def dense_backward_impl(A_prev, W, out, dout, act, l2_over_m, dZ, dW, db, dA_pre
                 acc[j] += dzr[j]
         for j in range(n):
             db[j] = acc[j]
-    if l2_over_m != 0.0:  # dW = l2/m * W, then the GEMM accumulates onto it (beta = 1): no extra pass
-        lam = dW.dtype.type(l2_over_m)
-        for i in range(dW.shape[0]):
-            dwr = dW[i]
-            wr = W[i]
-            for j in range(dwr.shape[0]):
-                dwr[j] = lam * wr[j]
-        _gemm_rm(A_prev, True, dZ, False, dW, 1.0)
-    else:
-        _gemm_rm(A_prev, True, dZ, False, dW, 0.0)
+    lam = dW.dtype.type(l2_over_m)
+    if l2_over_m == 0.0:
+        _gemm_rm(A_prev, True, dZ, False, dW, 0.0, precision)
+    elif precision == 0:  # dW = l2/m * W, then the GEMM accumulates onto it (beta = 1): no extra pass
+        wf = W.reshape(W.size)
+        dwf = dW.reshape(dW.size)
+        for i in range(wf.shape[0]):
+            dwf[i] = lam * wf[i]
+        _gemm_rm(A_prev, True, dZ, False, dW, 1.0, precision)
+    else:  # bf16: the rounded product, then + l2/m * W with the float32 W (docs/spec.md section 13)
+        _gemm_rm(A_prev, True, dZ, False, dW, 0.0, precision)
+        wf = W.reshape(W.size)
+        dwf = dW.reshape(dW.size)
+        for i in range(wf.shape[0]):
+            dwf[i] = dwf[i] + lam * wf[i]
     if dA_prev.size != 0:
-        _gemm_rm(dZ, False, W, True, dA_prev, 0.0)
+        _gemm_rm(dZ, False, W, True, dA_prev, 0.0, precision)
 
 
 def dense_backward(A_prev, W, out, dout, act: int, l2_over_m: float, dZ, dW, db, dA_prev,
@@ -291,9 +331,8 @@ def dense_backward(A_prev, W, out, dout, act: int, l2_over_m: float, dZ, dW, db,
     """``dZ = dout*g'(out)`` (with ``db`` in the same pass); ``dW``, ``dA_prev`` by BLAS."""
     if not 0 <= act <= 3:
         raise _bad_act(act)
-    if precision != 0:
-        raise _bad_precision(precision)
-    dense_backward_impl(A_prev, W, out, dout, act, float(l2_over_m), dZ, dW, db, dA_prev)
+    _check_precision(precision, dW)
+    dense_backward_impl(A_prev, W, out, dout, act, float(l2_over_m), dZ, dW, db, dA_prev, precision)
 
 
 # ---------------------------------------------------------------------------------- activations

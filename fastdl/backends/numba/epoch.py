@@ -12,7 +12,7 @@ bits as ``backend="numba"`` per layer (tests/test_numba_epoch.py).
 
 It reads ONLY the plan (never a model, layer or optimiser object): ops,
 widths, offsets, loss kind, L2 (``l2``, ``l2_scale``, ``dense_weights``),
-precision; the optimiser comes as an :class:`~fastdl.plan.OptimizerSpec`.
+each Dense op's precision (bf16 GEMMs, docs/spec.md section 13); the optimiser comes as an :class:`~fastdl.plan.OptimizerSpec`.
 Conventions shared with every executor (docs/spec.md): ``m_l2`` is
 ``n_total`` (``l2_scale='dataset'``), else ``sum(w)`` of the batch (left to
 right) when weighted, else the batch's rows; ``l2_term = l2 / (2 m_l2) *
@@ -62,7 +62,7 @@ def _forward(X, iprog, fprog, params, state, ws, masks, m, seed, step, thr, empt
             W = params[p0:p0 + nin * nout].reshape((nin, nout))
             b = params[iprog[j, I_P1]:iprog[j, I_P1] + nout] if iprog[j, I_P1] >= 0 else empty1
             act = iprog[j, I_ACT]
-            dense_forward_impl(x, W, b, act, out, act >= TANH and size >= thr[T_BIAS_ACT])
+            dense_forward_impl(x, W, b, act, out, act >= TANH and size >= thr[T_BIAS_ACT], iprog[j, I_PREC])
         elif kind == OP_BATCHNORM:
             p0 = iprog[j, I_P0]
             s0 = iprog[j, I_S0]
@@ -100,7 +100,7 @@ def _backward(X, iprog, fprog, params, grads, ws, masks, m, dlogits, l2_over_m, 
             W = params[p0:p0 + nin * nout].reshape((nin, nout))
             dW = grads[p0:p0 + nin * nout].reshape((nin, nout))
             db = grads[iprog[j, I_P1]:iprog[j, I_P1] + nout] if iprog[j, I_P1] >= 0 else empty1
-            dense_backward_impl(x, W, out, dout, iprog[j, I_ACT], l2_over_m, dout, dW, db, dx)
+            dense_backward_impl(x, W, out, dout, iprog[j, I_ACT], l2_over_m, dout, dW, db, dx, iprog[j, I_PREC])
         elif kind == OP_BATCHNORM:
             p0 = iprog[j, I_P0]
             batchnorm_backward_impl(x, params[p0:p0 + nout], ws[iprog[j, I_MEAN]:iprog[j, I_MEAN] + nout],
@@ -239,9 +239,8 @@ class NumbaEpochExecutor:
         if not plan.ops:
             raise ValueError("the plan has no ops")
         lay = plan.layout(int(batch_size))
-        if (lay.iprog[:, I_PREC] != 0).any():
-            # the bf16 GEMMs of the numba backend are not built yet (helper B): refuse rather than run fp32
-            raise NotImplementedError("precision=1 (bf16 GEMMs) is not implemented by the numba backend yet")
+        if (lay.iprog[:, I_PREC] != 0).any() and np.dtype(plan.dtype) != np.float32:
+            raise ValueError(f"precision=1 (bf16 GEMMs) needs a float32 plan, got {np.dtype(plan.dtype)}")
         self.plan, self.batch_size, self.opt_spec = plan, int(batch_size), opt_spec
         self.iprog, self.fprog = lay.iprog, lay.fprog
         B, dt = self.batch_size, np.dtype(plan.dtype)
