@@ -78,3 +78,323 @@ def test_info_names_the_bf16_unit():
     info = blas.info()
     assert "bf16_gemm" in info and info["bf16_gemm"]
     assert blas.cpu_bf16_unit() in ("AMX", "AVX512-BF16", "")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Conformance of every bf16 path with the reference emulation (issue 13), and the rest of the library with bf16.
+# Tolerances are float32-accumulation ones: a compiled path and the emulation multiply the SAME bf16 operands
+# exactly and differ only in the order of the float32 sums (~K * 2^-24 of the sum of |terms|). The bf16-vs-fp32
+# difference is ~2^-8 relative, so these tests fail if a path multiplies unrounded operands.
+
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import textwrap  # noqa: E402
+import warnings  # noqa: E402
+
+import fastdl as fd  # noqa: E402
+from fastdl.backends import reference as ref_kernels  # noqa: E402
+
+COMPILED = ("cython", "numba")
+ACTS = {"identity": 0, "relu": 1, "tanh": 2, "sigmoid": 3}
+
+
+def _compiled_backend(name: str):
+    """The compiled backend, or a skip when it is not installed/built on this machine."""
+    try:
+        return fd.get_backend(name)
+    except (ImportError, ValueError) as exc:
+        pytest.skip(f"backend {name!r} unavailable: {exc}")
+
+
+def _bf16_or_xfail(fn, what: str):
+    """Run fn; a backend whose bf16 branch is not implemented yet is an expected failure, said by name."""
+    try:
+        return fn()
+    except NotImplementedError as exc:
+        pytest.xfail(f"{what}: bf16 not implemented yet ({exc})")
+    except ValueError as exc:   # fit(fused=True) reports the executor's NotImplementedError as a ValueError
+        if "not implemented" not in str(exc):
+            raise
+        pytest.xfail(f"{what}: bf16 not implemented yet ({exc})")
+
+
+def _quiet(fn, *a, **kw):
+    with warnings.catch_warnings():   # "no bfloat16 unit" on CPUs without one: bf16 is still correct there
+        warnings.simplefilter("ignore", UserWarning)
+        return fn(*a, **kw)
+
+
+def _exact_product(A: np.ndarray, B: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(round(A) @ round(B) in float64, the float32-accumulation error bound of any implementation)."""
+    a, b = round_bf16(A).astype(np.float64), round_bf16(B).astype(np.float64)
+    K = A.shape[1]
+    return a @ b, (np.abs(a) @ np.abs(b)) * 2 * (K + 2) * 2.0 ** -24 + 1e-35
+
+
+@pytest.mark.parametrize("backend", COMPILED)
+@pytest.mark.parametrize("act", ["identity", "relu", "tanh", "sigmoid"])
+@pytest.mark.parametrize("m,n_in,n_out", [(1, 45, 33), (1, 1, 1), (67, 45, 33), (3, 517, 9), (130, 257, 65)])
+def test_dense_kernels_match_the_emulation(bf16_impl, backend, act, m, n_in, n_out):
+    """Forward Z = XW, dW = X^T dZ (+ (l2/m) W in float32), dX = dZ W^T of each compiled backend, with MKL's bf16
+    GEMM and with the rounding fallback, against round-then-multiply; batch 1 and odd shapes."""
+    K = _compiled_backend(backend)
+    rng = np.random.default_rng(m * 7919 + n_in * 31 + n_out)
+    A = (rng.standard_normal((m, n_in)) * 1.37).astype(np.float32)   # low mantissa bits set: rounding matters
+    W = (rng.standard_normal((n_in, n_out)) / np.sqrt(n_in)).astype(np.float32)
+    b = rng.standard_normal(n_out).astype(np.float32)
+    dout = rng.standard_normal((m, n_out)).astype(np.float32)
+    code = ACTS[act]
+    out = np.full((m, n_out), np.nan, np.float32)
+    _bf16_or_xfail(lambda: K.dense_forward(A, W, b, code, out, 1), f"{backend}.dense_forward")
+    Z, bound = _exact_product(A, W)
+    Zb = Z + b
+    f = {"identity": lambda z: z, "relu": lambda z: np.maximum(z, 0), "tanh": np.tanh,
+         "sigmoid": lambda z: 1 / (1 + np.exp(-z))}[act]
+    # the activations are 1-Lipschitz: the GEMM's bound carries over, plus a few ulps of the function itself
+    assert np.all(np.abs(out - f(Zb)) <= bound + 8 * 2.0 ** -24 * (np.abs(f(Zb)) + 1)), \
+        f"{backend} bf16 forward is not round-then-multiply"
+    if m * n_in > 4:  # it really rounded: fp32 operands give a result much farther away than the emulation's
+        assert np.abs(out - f(A.astype(np.float64) @ W + b)).max() > 50 * np.abs(out - f(Zb)).max()
+    out_ref = np.empty_like(out)
+    ref_kernels.dense_forward(A, W, b, code, out_ref, 1)
+    l2 = 0.05
+    dZ, dW, db, dA = (np.full(s, np.nan, np.float32) for s in ((m, n_out), W.shape, b.shape, A.shape))
+    _bf16_or_xfail(lambda: K.dense_backward(A, W, out_ref, dout, code, l2, dZ, dW, db, dA, 1),
+                   f"{backend}.dense_backward")
+    rZ, rW, rb, rA = (np.empty_like(x) for x in (dZ, dW, db, dA))
+    ref_kernels.dense_backward(A, W, out_ref, dout, code, l2, rZ, rW, rb, rA, 1)
+    # elementwise in float32: act'(out) may be computed as 1 - out^2 or (1 - out)(1 + out): a few ulps of |dout|
+    assert np.all(np.abs(dZ - rZ) <= 4 * 2.0 ** -24 * np.abs(dout) * (1 + out_ref.astype(np.float64) ** 2))
+    # dW, dX from the backend's own dZ (identical to the reference's up to an ulp of tanh/sigmoid')
+    gW, bW = _exact_product(A.T, dZ)
+    assert np.all(np.abs(dW - (gW + l2 * W)) <= bW + 2 * 2.0 ** -24 * np.abs(l2 * W) + 1e-30)
+    gA, bA = _exact_product(dZ, W.T)
+    assert np.all(np.abs(dA - gA) <= bA)
+    np.testing.assert_allclose(db, dZ.astype(np.float64).sum(0), rtol=0,
+                               atol=float(np.abs(dZ).sum() * (m + 2) * 2.0 ** -24) + 1e-30)
+    # and the reference kernels (the oracle) meet the same bound: both sides are float32 accumulation
+    assert np.all(np.abs(rW - (gW + l2 * W)) <= 2 * bW + 2 * 2.0 ** -24 * np.abs(l2 * W) + 1e-30)
+
+
+@pytest.mark.parametrize("backend", ("reference",) + COMPILED)
+def test_float64_with_bf16_is_refused(backend):
+    K = fd.get_backend(backend) if backend == "reference" else _compiled_backend(backend)
+    A, W, b = np.ones((4, 3)), np.ones((3, 2)), np.zeros(2)
+    with pytest.raises(ValueError, match="float32"):
+        _bf16_or_xfail(lambda: K.dense_forward(A, W, b, 0, np.empty((4, 2)), 1), f"{backend}.dense_forward")
+    with pytest.raises(ValueError, match="float32"):
+        _bf16_or_xfail(lambda: K.dense_backward(A, W, np.ones((4, 2)), np.ones((4, 2)), 0, 0.0, np.empty((4, 2)),
+                                                np.empty((3, 2)), np.empty(2), np.empty((4, 3)), 1),
+                       f"{backend}.dense_backward")
+    with pytest.raises(ValueError, match=r"bf16.*needs dtype='float32'"):
+        fd.Sequential([fd.Dense(3, 2)], precision="bf16", dtype="float64", backend=backend)
+    bf = _quiet(fd.Sequential, [fd.Dense(3, 2)], precision="bf16", backend=backend)
+    with pytest.raises(ValueError, match="float32"):
+        bf.copy(dtype="float64")
+    assert bf.copy(dtype="float64", precision="fp32").precision == "fp32"
+
+
+def _net(backend: str, precision: str = "bf16", seed: int = 3, n_features: int = 9, k: int = 3, **kw):
+    """BatchNorm + dropout + L2, odd widths: every op kind of the plan next to the bf16 Dense GEMMs."""
+    return _quiet(fd.Sequential, [
+        fd.Dense(n_features, 13, use_bias=False), fd.BatchNorm(13), fd.ReLU(), fd.Dropout(keep_prob=0.75),
+        fd.Dense(13, 7), fd.Tanh(), fd.Dense(7, k)], l2=0.2, precision=precision, backend=backend, seed=seed, **kw)
+
+
+def _data(m: int, n_features: int = 9, k: int = 3, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal((m, n_features)) * 1.37).astype(np.float32), rng.integers(0, k, m)
+
+
+@pytest.mark.parametrize("backend", COMPILED)
+@pytest.mark.parametrize("m", [1, 29, 300])
+def test_per_layer_gradients_match_the_reference(bf16_impl, backend, m):
+    """A whole model's gradient (BN, dropout, L2, tanh) on each compiled per-layer path vs the emulation."""
+    _compiled_backend(backend)
+    X, y = _data(m)
+    r = _net("reference")
+    Jr = r.compute_gradients(X, y)
+    f = _net("reference", "fp32")
+    f.compute_gradients(X, y)
+    c = _net(backend)
+    Jc = _bf16_or_xfail(lambda: c.compute_gradients(X, y), f"{backend} per-layer")
+    scale = float(np.abs(r.grads).max())
+    assert Jc == pytest.approx(Jr, rel=1e-5)
+    np.testing.assert_allclose(c.grads, r.grads, rtol=0, atol=1e-5 * scale)
+    # ... while fp32 GEMMs are far off: the test can tell bf16 from fp32
+    assert np.abs(f.grads - r.grads).max() > 20 * 1e-5 * scale
+
+
+@pytest.mark.parametrize("backend", COMPILED)
+def test_native_and_fallback_agree_on_a_model(backend):
+    """MKL's bf16 GEMM and round + sgemm: the same model gradient to float32 accumulation error."""
+    _compiled_backend(backend)
+    blas.select()
+    addr = int(blas._state.get("mkl_bf16") or 0)
+    if not addr:
+        pytest.skip("MKL's cblas_gemm_bf16bf16f32 is not available")
+    X, y = _data(200, seed=5)
+    before = _blas.bf16_gemm_routed()
+    grads = []
+    try:
+        for route in (addr, 0):
+            _blas.set_bf16_gemm(route)
+            c = _net(backend)
+            _bf16_or_xfail(lambda: c.compute_gradients(X, y), f"{backend} per-layer")
+            grads.append(c.grads.copy())
+    finally:
+        _blas.set_bf16_gemm(addr if before else 0)
+    np.testing.assert_allclose(grads[0], grads[1], rtol=0, atol=1e-5 * float(np.abs(grads[1]).max()))
+
+
+def _train(model, X, y, *, fused, epochs=2, batch_size=16, **kw):
+    opt = fd.Adam(lr=1e-2)
+    h = model.fit(X, y, optimizer=opt, epochs=epochs, batch_size=batch_size, fused=fused, **kw)
+    return h, opt
+
+
+@pytest.mark.parametrize("backend", COMPILED)
+def test_epoch_executor_bit_identical_to_per_layer(bf16_impl, backend):
+    """The whole-epoch executor with bf16 = its backend's per-layer path, bit for bit (BN, dropout, L2, Adam,
+    a short last batch of 1 row)."""
+    _compiled_backend(backend)
+    X, y = _data(49, seed=2)
+    a, b = _net(backend), _net(backend)
+    ha, oa = _bf16_or_xfail(lambda: _train(a, X, y, fused=True), f"{backend} epoch executor")
+    hb, ob = _train(b, X, y, fused=False)
+    assert a.params.tobytes() == b.params.tobytes() and a.state.tobytes() == b.state.tobytes()
+    for k in oa.state:
+        assert oa.state[k].tobytes() == ob.state[k].tobytes()
+    assert ha.batch_cost == hb.batch_cost and ha["loss"] == hb["loss"]
+    # bf16 really ran: the fp32 model trains to other parameters
+    c = _net(backend, "fp32")
+    _train(c, X, y, fused=False)
+    assert np.abs(c.params - a.params).max() > 1e-4
+
+
+def test_gemm_choice_by_environment():
+    """FASTDL_BF16_GEMM=emulate|native|auto picks the implementation at load (fresh interpreters)."""
+    code = "from fastdl.backends import blas; print(blas.info()['bf16_gemm'])"
+    env = {k: v for k, v in os.environ.items() if k != "FASTDL_BF16_GEMM"}
+    run = lambda value: subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,  # noqa: E731
+                                       env=dict(env, FASTDL_BF16_GEMM=value))
+    p = run("emulate")
+    assert p.returncode == 0 and "rounding fallback" in p.stdout, p.stderr
+    p = run("bogus")
+    assert p.returncode != 0 and "FASTDL_BF16_GEMM must be one of auto, native, emulate" in p.stderr
+    blas.select()
+    p = run("native")
+    if blas._state.get("mkl_bf16"):
+        assert p.returncode == 0 and "cblas_gemm_bf16bf16f32" in p.stdout, p.stderr
+    else:
+        assert p.returncode != 0 and "cblas_gemm_bf16bf16f32" in p.stderr
+    p = run("auto")
+    expect_native = bool(blas._state.get("mkl_bf16")) and blas.cpu_bf16_unit() != ""
+    assert p.returncode == 0 and ("cblas_gemm_bf16bf16f32" in p.stdout) == expect_native, p.stdout + p.stderr
+
+
+# ------------------------------------------------------------------------------- the library keeps working
+
+
+def test_save_load_keeps_the_precision(tmp_path):
+    X, y = _data(40)
+    m = _net("auto")
+    _train(m, X, y, fused="auto", epochs=1)
+    m.save(tmp_path / "m.npz")
+    back = _quiet(fd.load, tmp_path / "m.npz")
+    assert back.precision == "bf16" and all(op.precision == 1 for op in back.plan.ops if op.kind == m.plan.ops[0].kind)
+    assert back.params.tobytes() == m.params.tobytes()
+    np.testing.assert_array_equal(back.decision_function(X), m.decision_function(X))
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_checkpoint_resume_is_bit_exact(tmp_path, fused):
+    """An interrupted bf16 run resumed from its checkpoint = the uninterrupted run, bit for bit."""
+    X, y = _data(70, seed=4)
+
+    class CrashAt(fd.Callback):
+        def on_epoch_end(self, model, epoch, logs):
+            if epoch == 1:
+                raise KeyboardInterrupt
+
+    straight = _net("auto")
+    hs, os_ = _train(straight, X, y, fused=fused, epochs=4)
+    ck = tmp_path / "ck.npz"
+    first = _net("auto")
+    with pytest.raises(KeyboardInterrupt):
+        _train(first, X, y, fused=fused, epochs=4, checkpoint=ck, callbacks=[CrashAt()])
+    again = _net("auto")
+    again.params[...] += 1.0   # other initial values: everything comes from the checkpoint
+    hr, or_ = _train(again, X, y, fused=fused, epochs=4, checkpoint=ck, resume=True)
+    assert again.params.tobytes() == straight.params.tobytes()
+    assert again.state.tobytes() == straight.state.tobytes()
+    assert again.step_count == straight.step_count and or_.t == os_.t
+    for k in os_.state:
+        assert or_.state[k].tobytes() == os_.state[k].tobytes()
+    assert hr["loss"] == hs["loss"]
+
+
+def test_gradcheck_checks_the_float64_copy():
+    """bf16 rounding is not differentiable: fd.gradcheck checks the float64 fp32 copy (documented), so a correct
+    bf16 model passes at float64 tolerance and the model itself is left untouched."""
+    X, y = _data(6)
+    m = _net("auto")
+    before = m.params.copy()
+    res = fd.gradcheck(m, X, y)
+    assert res.difference < 1e-6
+    assert m.params.tobytes() == before.tobytes() and m.precision == "bf16" and m.dtype == np.float32
+    assert "float64" in fd.gradcheck.__doc__ and "bf16" in fd.gradcheck.__doc__
+
+
+def test_search_over_precision():
+    from fastdl.search import Choice, search
+
+    X, y = _data(120, seed=6)
+    Xd, yd = _data(40, seed=7)
+    r = _quiet(search, {"precision": Choice(["fp32", "bf16"]), "epochs": 1, "hidden": (8,)}, X, y,
+               validation_data=(Xd, yd), n_trials=4, seed=0)
+    seen = {t.settings["precision"] for t in r.trials}
+    assert seen == {"fp32", "bf16"}, seen
+
+
+def test_cli_trains_and_saves_a_bf16_model(tmp_path, capsys):
+    from fastdl.cli import main
+
+    out = tmp_path / "m.npz"
+    rc = _quiet(main, ["train", "--epochs", "1", "--verbose", "0", "--hidden", "16", "--precision", "bf16",
+                       "--save", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    assert _quiet(fd.load, out).precision == "bf16"
+    rc = main(["train", "--epochs", "1", "--verbose", "0", "--precision", "bf16", "--dtype", "float64"])
+    assert rc == 2 and "--precision bf16 needs --dtype float32" in capsys.readouterr().err
+
+
+def test_warns_once_per_process_without_a_bf16_unit():
+    """On a CPU without AMX / AVX512-BF16 (simulated: cpu_bf16_unit() == ''), bf16 warns once per process that it
+    is slower than float32; with a unit (simulated) it does not warn. Fresh interpreters: 'once' is process state."""
+    code = textwrap.dedent("""
+        import sys, warnings
+        import fastdl as fd
+        from fastdl.backends import blas
+        blas.cpu_bf16_unit = lambda: sys.argv[1]
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            for _ in range(3):
+                fd.Sequential([fd.Dense(3, 2)], precision="bf16")
+            fd.Sequential([fd.Dense(3, 2)])
+        msgs = [str(x.message) for x in w if "bfloat16" in str(x.message)]
+        print(len(msgs), w[0].filename if msgs else "", msgs[0] if msgs else "")
+    """)
+    none = subprocess.run([sys.executable, "-c", code, ""], capture_output=True, text=True, timeout=120)
+    assert none.returncode == 0, none.stderr
+    n, _, text = none.stdout.strip().partition(" ")
+    if n == "0" and "_BF16_WARNED" not in open(fd.model.__file__).read() and "bf16_unit" not in \
+            open(fd.model.__file__).read():
+        pytest.xfail("the once-per-process no-bf16-unit warning is not implemented in Sequential yet")
+    assert n == "1", none.stdout
+    assert "-c" in text or "<string>" in text     # stacklevel: attributed to the user's line, not fastdl's
+    assert "slower than float32" in text and "AMX" in text
+    for unit in ("AMX", "AVX512-BF16"):
+        has = subprocess.run([sys.executable, "-c", code, unit], capture_output=True, text=True, timeout=120)
+        assert has.returncode == 0 and has.stdout.startswith("0"), has.stdout + has.stderr
