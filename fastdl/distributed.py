@@ -491,7 +491,7 @@ class DataParallel:
         self.n_examples = n_examples
         self.global_batch = batch_size * self.size
         self.seed = rank_seed(model.seed, self.rank)
-        self.bn_layers = [op for op in model._ops if isinstance(op, BatchNorm)]
+        self.bn_layers = [layer for layer in model.layers if isinstance(layer, BatchNorm)]
         self.sync_batchnorm = bool(sync_batchnorm) and self.size > 1 and bool(self.bn_layers)
         self.bn_comm = comm if self.sync_batchnorm else None
         self.global_sizes: list[int] = []
@@ -615,20 +615,15 @@ class DataParallel:
 
     def _phantom_sync_bn(self) -> None:
         """Take part in the synchronised-BatchNorm collectives with zero rows."""
-        dt = self.model.dtype
-        bufs = []
-        for layer in self.bn_layers:
-            n = layer.n_features
-            buf = {"mean": np.empty(n, dt), "inv_std": np.empty(n, dt), "out": np.empty((0, n), dt)}
-            layer._sync_forward(np.empty((0, n), dt), buf, self.comm)
-            bufs.append(buf)
-        for layer, buf in zip(reversed(self.bn_layers), reversed(bufs)):
-            empty = np.empty((0, layer.n_features), dt)
-            layer._sync_backward(empty, empty, empty, buf, self.comm)
+        self.model.executor.phantom_sync_batchnorm(self.comm)
 
     # -- end of epoch -------------------------------------------------------------
-    def reduce_epoch(self, sum_loss: float, sum_cost: float, n_wrong: int, history) -> tuple[float, float, int]:
-        """One all-reduce of the epoch's sums, every batch cost and (per-rank BN) the running statistics."""
+    def reduce_epoch(self, sum_loss: float, sum_cost: float, n_wrong: int,
+                     costs: np.ndarray) -> tuple[float, float, int]:
+        """One all-reduce of the epoch's sums, every batch cost and (per-rank BN) the running statistics.
+
+        ``costs`` (this rank's per-batch costs) is overwritten with the costs of the global batches.
+        """
         k = len(self._weighted_loss)
         avg_state = self.size > 1 and not self.sync_batchnorm and self.model.state.size > 0
         ns = self.model.state.size if avg_state else 0
@@ -639,7 +634,7 @@ class DataParallel:
             buf[3 + k:] = self.model.state
         self.comm.allreduce(buf)
         if k:
-            history.batch_cost[-k:] = (buf[3:3 + k] + np.asarray(self._l2_terms)).tolist()
+            costs[:k] = buf[3:3 + k] + np.asarray(self._l2_terms)
         if avg_state:
             self.model.state[...] = buf[3 + k:] / self.size
         self._weighted_loss.clear()
