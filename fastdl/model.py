@@ -8,6 +8,7 @@ optimiser, a checkpoint or a gradient check deals with one array.
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Any, Iterable
 
 import numpy as np
@@ -22,6 +23,20 @@ from .plan import PRECISION_CODES, Plan, compile_plan
 L2_SCALES = ("batch", "dataset")
 PRECISIONS = tuple(PRECISION_CODES)  # ('fp32', 'bf16')
 PREDICT_BATCH = 4096  # rows per inference chunk: bounds work memory on big inputs
+
+
+_BF16_WARNED = False  # the no-bfloat16-unit warning is given once per process
+
+
+def _warn_if_no_bf16_unit() -> None:
+    global _BF16_WARNED
+    from .backends import blas  # through the module attribute: tests monkeypatch blas.cpu_bf16_unit
+
+    if _BF16_WARNED or blas.cpu_bf16_unit():
+        return
+    _BF16_WARNED = True
+    warnings.warn("this CPU has no bfloat16 matrix unit (AMX or AVX512-BF16): precision='bf16' trains "
+                  "correctly but slower than float32", UserWarning, stacklevel=3)
 
 
 class Sequential:
@@ -48,7 +63,10 @@ class Sequential:
         ``'bf16'``: every Dense GEMM (forward and backward) multiplies
         bfloat16-rounded operands with float32 accumulation; parameters,
         gradients, optimiser state and everything else stay float32
-        (docs/spec.md "Mixed precision"). Requires ``dtype='float32'``.
+        (docs/spec.md "Mixed precision"). Requires ``dtype='float32'``. On a
+        CPU without a bfloat16 unit (AMX, AVX512-BF16) it warns once that it
+        will be slower than float32. :func:`fastdl.gradcheck` checks such a
+        model through its float64 fp32 copy (the gradient formulas are the same).
     backend : {'auto', 'reference', 'numba', 'cython'}
     seed : int
         Fixes initialisation, shuffling and dropout masks.
@@ -81,6 +99,8 @@ class Sequential:
         if self.precision == "bf16" and self.dtype != np.float32:
             raise ValueError(f"precision='bf16' needs dtype='float32' (the float32 master copy of the "
                              f"parameters), got dtype={self.dtype.name!r}; use precision='fp32' with float64")
+        if self.precision == "bf16":
+            _warn_if_no_bf16_unit()
         self.seed = V.check_positive("seed", seed, integer=True, allow_zero=True)
         self.backend_name = backend if isinstance(backend, str) else backend.name
         self.kernels: Backend = get_backend(backend)
