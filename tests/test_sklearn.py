@@ -422,3 +422,25 @@ def test_stopping_and_adaptive_rate_follow_sklearn(early_stopping):
         assert ours.best_loss_ == pytest.approx(ref.best_loss_, rel=1e-9)
     for a, b in zip(ours.coefs_, ref.coefs_):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-8)
+
+
+def test_epoch_executor_path_with_batchnorm_and_dropout():
+    """Two hidden layers with BatchNorm and dropout: the compiled epoch equals the per-step path."""
+    from fastdl.sklearn import _BaseMLP
+
+    X, y = _digits()
+    fits = []
+    for use in (True, False):
+        old = _BaseMLP._use_epoch_executor
+        _BaseMLP._use_epoch_executor = use
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ConvergenceWarning)
+                fits.append(MLPClassifier(hidden_layer_sizes=(24, 16), batchnorm=True, keep_prob=0.8, max_iter=3,
+                                          batch_size=50, random_state=0, backend="cython").fit(X, y))
+        finally:
+            _BaseMLP._use_epoch_executor = old
+    a, b = fits
+    np.testing.assert_array_equal(a.model_.params, b.model_.params)
+    np.testing.assert_array_equal(a.model_.state, b.model_.state)
+    assert a.loss_curve_ == b.loss_curve_
