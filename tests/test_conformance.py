@@ -581,7 +581,7 @@ def test_dropout_mask_independent_of_threads():
         pytest.skip("numba backend not available")
     import numba
 
-    from fastdl.backends import numba_backend as nb
+    from fastdl.backends import numba as nb
 
     be = get_backend("numba")
     A = np.ones((300, 1000), np.float32)
@@ -729,7 +729,7 @@ def test_numba_kernels_work_in_a_forked_child():
     # serial variants, so a child of a process that ran parallel kernels works.
     import os
 
-    from fastdl.backends import numba_backend as nb
+    from fastdl.backends import numba as nb
 
     p = np.ones(1 << 20, np.float32)
     g, v, s = p.copy(), np.zeros_like(p), np.zeros_like(p)
@@ -756,7 +756,7 @@ def test_numba_kernels_work_in_a_forked_child():
 def test_numba_serial_and_parallel_variants_bit_identical(dtype):
     # The prange variants share the serial variants' chunk helpers and
     # shape-only partitions: forcing either must give the same bits.
-    from fastdl.backends import numba_backend as nb
+    from fastdl.backends import numba as nb
 
     rng = rng_for(15)
     m, n = 130, 257
@@ -805,7 +805,7 @@ def test_numba_serial_and_parallel_variants_bit_identical(dtype):
     try:
         nb.set_parallel(False)
         serial = run_all()
-        nb.set_parallel(True, **{k: 0 for k in nb.PARALLEL_THRESHOLDS})
+        nb.set_parallel(True, **{k: 0 for k in nb.THRESHOLD_NAMES})
         parallel = run_all()
     finally:
         nb.set_parallel(True)
