@@ -22,7 +22,8 @@ from .smoothing import EWA, ewa
 from .training import History, TrainingDiverged
 
 __all__ = [
-    "Adam", "BatchNorm", "Callback", "ClassicalMomentum", "Dense", "Dropout", "EarlyStopping", "GradcheckReport", "History",
+    "Adam", "BatchNorm", "Callback", "ClassicalMomentum", "Dense", "Dropout", "EarlyStopping", "GradcheckReport",
+    "History",
     "Identity", "ModelFileError", "Momentum", "Optimizer", "RMSprop", "ReLU", "SGD", "Sequential", "Sigmoid",
     "Tanh", "TrainingDiverged", "backends", "data", "datasets", "get_backend", "gradcheck", "load",
     "schedules",
