@@ -372,3 +372,23 @@ def test_changing_a_layers_configuration_recompiles_the_plan():
     assert ops[1].momentum == 0.5 and ops[1].eps == 1e-3
     assert [op.kind for op in ops] == [P.OP_DENSE, P.OP_BATCHNORM, P.OP_ACTIVATION, P.OP_DENSE]
     assert model.executor.plan is model.plan
+
+
+def test_executors_read_only_the_plan_and_arrays():
+    """docs/spec.md "The execution plan": executors never import the model, layers, optimisers or training."""
+    import ast
+    import pathlib
+
+    root = pathlib.Path(fd.__file__).parent
+    for path in (root / "executors").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                mod = ("." * node.level) + (node.module or "")
+                names = [mod + "." + a.name for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            for name in names:
+                parts = name.replace("fastdl.", ".").lstrip(".").split(".")
+                assert parts[0] not in {"model", "layers", "optim", "training", "losses"}, f"{path.name}: {name}"
