@@ -127,3 +127,18 @@ def test_auto_loads_only_what_it_uses() -> None:
         """)
     if r["sources"] == ["cython"]:
         assert r["numba"] is False
+
+
+@pytest.mark.parametrize("backend", COMPILED)
+def test_mkl_loaded_by_another_library_is_reported_not_applied(backend: str) -> None:
+    """Another library (e.g. an MKL-linked NumPy) loaded MKL first: its variables were read already."""
+    from fastdl.backends import blas
+
+    paths = blas._mkl_candidates()
+    if not paths:
+        pytest.skip("MKL not installed")
+    preload = f"ctypes.CDLL({paths[0]!r}, mode=ctypes.RTLD_GLOBAL)"
+    r = _run(FIRST_USE.format(preload=preload, backend=backend, vars=VARS), FASTDL_BLAS="auto")
+    for var in ("MKL_CBWR", "MKL_THREADING_LAYER"):
+        assert r["env"][var] is None
+        assert r["info"][f"env:{var}"]["status"].startswith("not applied: MKL was already loaded by another library (")
