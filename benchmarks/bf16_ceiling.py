@@ -1,6 +1,6 @@
 """The ceiling of a bf16 training step: its GEMMs at the rate MKL reaches, plus the optimiser (issue 13).
 
-    python benchmarks/bf16_ceiling.py [--threads 2] [--repeats 15] [--shapes L,M] [--out FILE]
+    python benchmarks/bf16_ceiling.py [--threads 2] [--repeats 15] [--shapes L,M] [--torch] [--out FILE]
 
 A training step cannot be faster than the sum of its GEMMs plus the optimiser's pass over the
 parameters. For each shape this times, one by one, every GEMM of a step (per Dense layer: the forward
@@ -15,7 +15,9 @@ read p, g, v, s; write p, v, s), and prints the ceiling in samples/s for:
   into bf16 scratch, which every bf16 step pays;
 * ``bf16 MKL only``: ``cblas_gemm_bf16bf16f32`` on operands packed beforehand (the hardware rate MKL
   reaches: the bound if activations and weights were already stored in bf16);
-* ``bf16 fallback``: the same entry point routed to the rounding fallback (round + ``sgemm``).
+* ``bf16 fallback``: the same entry point routed to the rounding fallback (round + ``sgemm``);
+* with ``--torch``: PyTorch's bf16 ``torch.mm`` on bf16 tensors (oneDNN), for the rate another library
+  reaches on this CPU's bf16 unit (PyTorch is never a dependency of fastdl; optional here).
 
 Medians of ``--repeats`` timed calls after a warm-up; the CPU model and its bf16 flags are printed
 with the figures. Needs MKL (``pip install 'fastdl[mkl]'``) and the built kernels.
@@ -105,7 +107,7 @@ def to_f32(x: np.ndarray) -> np.ndarray:
     return (to_bf16_bits(x).astype(np.uint32) << 16).view(np.float32)
 
 
-def measure(shape: str, repeats: int, lib, _blas, native_address: int) -> dict:
+def measure(shape: str, repeats: int, lib, _blas, native_address: int, torch=None) -> dict:
     widths, batch = SHAPES[shape]
     rng = np.random.default_rng(0)
     # fastdl's own row-major entry points (what the training steps call), through one calling convention
@@ -145,6 +147,10 @@ def measure(shape: str, repeats: int, lib, _blas, native_address: int) -> dict:
 
             fns["entry"] = (call(bf16gemm_rm), route(native_address))
             fns["mkl"] = (mkl_only, lambda: None)
+        if torch is not None:
+            ta_, tb_ = (torch.from_numpy(to_f32(X)).to(torch.bfloat16) for X in (A, B))
+            ta_, tb_ = (ta_.t() if ta else ta_), (tb_.t() if tb else tb_)
+            fns["torch"] = (lambda: torch.mm(ta_, tb_), lambda: None)
         row = {"gemm": label, "flop": 2.0 * M * N * K, **median_times(fns, repeats)}
         # every implementation computed the same product: guard against timing a wrong call
         ref = (to_f32(A).T if ta else to_f32(A)).astype(np.float64) @ (to_f32(B).T if tb else to_f32(B))
@@ -163,7 +169,9 @@ def measure(shape: str, repeats: int, lib, _blas, native_address: int) -> dict:
 
 def report(res: dict, native: bool) -> list[str]:
     cols = ["fp32", "entry", "mkl", "fallback"] if native else ["fp32", "fallback"]
-    names = {"fp32": "fp32 sgemm", "entry": "bf16 entry (native)", "mkl": "bf16 MKL only", "fallback": "bf16 fallback"}
+    cols += ["torch"] if "torch" in res["rows"][0] else []
+    names = {"fp32": "fp32 sgemm", "entry": "bf16 entry (native)", "mkl": "bf16 MKL only", "fallback": "bf16 fallback",
+             "torch": "torch bf16 mm"}
     b = res["batch"]
     out = [f"### {res['shape']}: {'-'.join(map(str, res['widths']))}, batch {b}, {res['n_params']:,} parameters", "",
            "| GEMM (row-major M x K @ K x N) | " + " | ".join(f"{names[c]} ms (GFLOP/s)" for c in cols) + " |",
@@ -190,6 +198,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--shapes", default="L,M", help="comma-separated, of " + ", ".join(SHAPES))
+    ap.add_argument("--torch", action="store_true", help="also time PyTorch's bf16 matmul (if installed)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     from fastdl._kernels import _blas
@@ -205,10 +214,16 @@ def main() -> None:
              f"{bi['bf16_gemm']} (unit: {bi['bf16_unit']}); medians of {args.repeats} calls", ""]
     if not native_address:
         lines += ["This MKL has no cblas_gemm_bf16bf16f32: only the fallback is timed.", ""]
+    torch = None
+    if args.torch:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        lines[1] += f"; torch {torch.__version__} ({args.threads} threads)"
     try:
         with fd.backends.use("auto", threads=args.threads):
             for shape in args.shapes.split(","):
-                lines += report(measure(shape.strip(), args.repeats, lib, _blas, native_address),
+                lines += report(measure(shape.strip(), args.repeats, lib, _blas, native_address, torch),
                                 bool(native_address)) + [""]
     finally:
         _blas.set_bf16_gemm(native_address if routed_before else 0)

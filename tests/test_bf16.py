@@ -389,12 +389,74 @@ def test_warns_once_per_process_without_a_bf16_unit():
     none = subprocess.run([sys.executable, "-c", code, ""], capture_output=True, text=True, timeout=120)
     assert none.returncode == 0, none.stderr
     n, _, text = none.stdout.strip().partition(" ")
-    if n == "0" and "_BF16_WARNED" not in open(fd.model.__file__).read() and "bf16_unit" not in \
-            open(fd.model.__file__).read():
-        pytest.xfail("the once-per-process no-bf16-unit warning is not implemented in Sequential yet")
     assert n == "1", none.stdout
     assert "-c" in text or "<string>" in text     # stacklevel: attributed to the user's line, not fastdl's
     assert "slower than float32" in text and "AMX" in text
     for unit in ("AMX", "AVX512-BF16"):
         has = subprocess.run([sys.executable, "-c", code, unit], capture_output=True, text=True, timeout=120)
         assert has.returncode == 0 and has.stdout.startswith("0"), has.stdout + has.stderr
+
+
+_MPI_WORKER = textwrap.dedent('''
+    import json, os, sys
+    import numpy as np
+    import fastdl as fd
+    from fastdl import distributed as D
+
+    out = sys.argv[1]
+    comm = D.world()
+    reduced = []                      # (dtype, size) of every all-reduce of a gradient-sized buffer
+    real = comm.allreduce
+    def spy(buf):
+        reduced.append((buf.dtype.str, buf.size))
+        return real(buf)
+    comm.allreduce = spy
+    X, y = fd.datasets.load_digits()
+    X = ((X - X.mean(0)) / (X.std(0) + 1e-8)).astype(np.float32)
+    m = fd.Sequential([fd.Dense(64, 32, use_bias=False), fd.BatchNorm(32), fd.ReLU(), fd.Dense(32, 10)],
+                      precision="bf16", seed=3, l2=0.1)
+    m.fit(X[:600], y[:600], optimizer=fd.Adam(lr=3e-3), epochs=2, batch_size=64, distributed=comm,
+          sync_batchnorm=True)
+    n = m.params.size
+    np.savez(os.path.join(out, f"rank{comm.rank}.npz"), params=m.params, state=m.state,
+             grad_dtypes=np.array([d for d, s in reduced if s == n]))
+''')
+
+
+def test_mpi_reduces_float32_gradients(tmp_path):
+    """Two MPI ranks training a bf16 model: the gradients all-reduced are the float32 master gradients, and the
+    ranks end bit-identical."""
+    import shutil
+
+    pytest.importorskip("mpi4py")
+    mpiexec = shutil.which("mpiexec") or os.path.join(os.path.dirname(sys.executable), "mpiexec")
+    if not os.path.exists(mpiexec):
+        pytest.skip("no mpiexec (the mpich wheel of the test extra provides it)")
+    script = tmp_path / "worker.py"
+    script.write_text(_MPI_WORKER)
+    env = dict(os.environ, OMP_NUM_THREADS="1", NUMBA_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+    p = subprocess.run([mpiexec, "-n", "2", sys.executable, str(script), str(tmp_path)], capture_output=True,
+                       text=True, timeout=180, env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    r0, r1 = (np.load(tmp_path / f"rank{r}.npz") for r in (0, 1))
+    assert r0["params"].dtype == np.float32
+    assert r0["params"].tobytes() == r1["params"].tobytes() and r0["state"].tobytes() == r1["state"].tobytes()
+    steps = 2 * -(-600 // 128)   # global batch 128 over 2 ranks
+    assert list(r0["grad_dtypes"]) == ["<f4"] * steps, r0["grad_dtypes"]
+
+
+def test_no_unit_warning_in_process(monkeypatch):
+    """The same rule in this process (monkeypatched unit and once-flag): attributed to the caller's line."""
+    import fastdl.model as fm
+
+    monkeypatch.setattr(blas, "cpu_bf16_unit", lambda: "")
+    monkeypatch.setattr(fm, "_BF16_WARNED", False)
+    with pytest.warns(UserWarning, match="no bfloat16 matrix unit") as rec:
+        fd.Sequential([fd.Dense(3, 2)], precision="bf16", backend="reference")
+    assert rec[0].filename == __file__
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")          # once per process: no second warning
+        fd.Sequential([fd.Dense(3, 2)], precision="bf16", backend="reference")
+        monkeypatch.setattr(fm, "_BF16_WARNED", False)
+        monkeypatch.setattr(blas, "cpu_bf16_unit", lambda: "AVX512-BF16")
+        fd.Sequential([fd.Dense(3, 2)], precision="bf16", backend="reference")   # a unit: no warning
