@@ -19,7 +19,7 @@ from .contract import KERNELS
 # Default order for every kernel without an entry in PREFERENCE: Cython first (no JIT at
 # start-up). Measured (raw kernels, float32, medians in us; numba/cython > 1: Cython faster):
 #   pytest benchmarks/test_bench_kernels.py --benchmark-only --benchmark-min-rounds=5 \
-#          --benchmark-max-time=0.3      (dense, momentum, sigmoid-BCE: --benchmark-min-rounds=15)
+#          --benchmark-max-time=0.3      (sigmoid-BCE row: --benchmark-min-rounds=15)
 #   AMD EPYC (Zen 4), 2 cores shared with other jobs (absolute times inflated; same-run ratios)
 #   kernel (shape)                        cython     numba   numba/cython
 #   softmax-CE loss+grad 128x10              2.8       7.1       2.53
@@ -36,15 +36,15 @@ from .contract import KERNELS
 #   dropout fwd+bwd 512x4096              4977      6205         1.25
 #   sgd / rmsprop 1M                   108 / 382  111 / 433    1.02 / 1.13
 #   adam 1M / 16M                     617 / 66817  674 / 65295  1.09 / 0.98
-#   momentum 1M plain / bias-corrected  221 / 398  202 / 305    0.91 / 0.77
 #   sum_squares 1M / 16M             101 / 7990   93 / 8908    0.93 / 1.11
-#   dense fwd+bwd 512x2048->2048 relu  535987    537883         1.00
-#   dense fwd+bwd 128x784->512 relu      9765      3944         0.40
-# Everything but two rows is a tie or a Cython win. The optimiser rows within ~25% are memory-bound
-# passes at the noise level of this shared machine. The dense 128x784->512 row (Cython 2.5x slower,
-# also on one thread) is being investigated as a Cython-side issue (both backends call the same
-# GEMM entry point): the order stays Cython-first so that the per-layer path and Cython's
-# whole-epoch executor run the same kernels.
+#   second run, after the GEMM entry point's small-product fix (29e10c4), --benchmark-min-rounds=15:
+#   momentum 1M plain / bias-corrected  522 / 589  454 / 578    0.87 / 0.98
+#   dense fwd+bwd 128x784->512 relu      8499      7924         0.93
+#   dense fwd+bwd 512x2048->2048 relu  380472    347969         0.91
+# Every row is a Cython win or within the run-to-run noise of this shared machine (the rows under
+# 1 are memory-bound passes and BLAS-bound GEMMs, which both backends run through the same GEMM
+# entry point), so no kernel has a PREFERENCE entry: Cython-first also keeps the per-layer path on
+# the same kernels as Cython's whole-epoch executor (bit-identical fused and per-layer runs).
 DEFAULT_ORDER: tuple[str, ...] = ("cython", "numba", "reference")
 
 # kernel -> preference order, where the measurements favour another backend than DEFAULT_ORDER.
