@@ -37,7 +37,7 @@ SHAPES = {
     # name: (layer widths, batch) as in benchmarks/peers.py
     "L": ((784, 2048, 2048, 10), 512),
     "M": ((784, 512, 256, 10), 128),
-    "S": ((64, 128, 10), 32),
+    "S": ((64, 128, 64, 10), 32),
 }
 CBLAS_ROW_MAJOR, CBLAS_NO_TRANS, CBLAS_TRANS = 101, 111, 112
 
