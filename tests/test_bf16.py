@@ -158,6 +158,7 @@ def test_dense_kernels_match_the_emulation(bf16_impl, backend, act, m, n_in, n_o
         assert np.abs(out - f(A.astype(np.float64) @ W + b)).max() > 50 * np.abs(out - f(Zb)).max()
     out_ref = np.empty_like(out)
     ref_kernels.dense_forward(A, W, b, code, out_ref, 1)
+    assert np.all(np.abs(out_ref - f(Zb)) <= bound + 8 * 2.0 ** -24 * (np.abs(f(Zb)) + 1))   # the oracle too
     l2 = 0.05
     dZ, dW, db, dA = (np.full(s, np.nan, np.float32) for s in ((m, n_out), W.shape, b.shape, A.shape))
     _bf16_or_xfail(lambda: K.dense_backward(A, W, out_ref, dout, code, l2, dZ, dW, db, dA, 1),
@@ -460,3 +461,32 @@ def test_no_unit_warning_in_process(monkeypatch):
         monkeypatch.setattr(fm, "_BF16_WARNED", False)
         monkeypatch.setattr(blas, "cpu_bf16_unit", lambda: "AVX512-BF16")
         fd.Sequential([fd.Dense(3, 2)], precision="bf16", backend="reference")   # a unit: no warning
+
+
+def test_without_mkl_the_fallback_runs_on_openblas(tmp_path):
+    """No MKL (FASTDL_BLAS=openblas: SciPy's OpenBLAS, no bf16 GEMM): round + sgemm, same bound (fresh process)."""
+    pytest.importorskip("fastdl.backends.cython_backend", reason="Cython extensions not built")
+    code = textwrap.dedent("""
+        import numpy as np, fastdl as fd
+        from fastdl.backends import blas
+        rng = np.random.default_rng(1)
+        A = (rng.standard_normal((37, 300)) * 1.37).astype(np.float32)
+        W = (rng.standard_normal((300, 29)) / 17).astype(np.float32)
+        out = np.empty((37, 29), np.float32)
+        fd.get_backend("cython").dense_forward(A, W, np.zeros(29, np.float32), 0, out, 1)
+        np.save(__import__("sys").argv[1], out)
+        print(blas.info()["provider"], "|", blas.info()["bf16_gemm"])
+    """)
+    path = str(tmp_path / "out.npy")
+    env = {k: v for k, v in os.environ.items() if k not in ("FASTDL_BLAS", "FASTDL_BF16_GEMM")}
+    p = subprocess.run([sys.executable, "-c", code, path], capture_output=True, text=True, timeout=120,
+                       env=dict(env, FASTDL_BLAS="openblas"))
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.startswith("openblas |") and "rounding fallback" in p.stdout, p.stdout
+    out = np.load(path)
+    rng = np.random.default_rng(1)
+    A = (rng.standard_normal((37, 300)) * 1.37).astype(np.float32)
+    W = (rng.standard_normal((300, 29)) / 17).astype(np.float32)
+    Z, bound = _exact_product(A, W)
+    assert np.all(np.abs(out - Z) <= bound)
+    assert np.abs(out - A.astype(np.float64) @ W).max() > 50 * np.abs(out - Z).max()
