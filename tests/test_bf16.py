@@ -490,3 +490,24 @@ def test_without_mkl_the_fallback_runs_on_openblas(tmp_path):
     Z, bound = _exact_product(A, W)
     assert np.all(np.abs(out - Z) <= bound)
     assert np.abs(out - A.astype(np.float64) @ W).max() > 50 * np.abs(out - Z).max()
+
+
+def test_gemm_deterministic_across_processes():
+    """Resume bit-exactness needs the same bits in a new process: under fastdl's MKL settings (MKL_CBWR, GNU
+    threading, per-call thread counts) the bf16 GEMM of a multi-threaded size gives identical bytes run to run."""
+    code = textwrap.dedent("""
+        import hashlib, numpy as np
+        from fastdl.backends import blas
+        blas.select()
+        from fastdl._kernels import _blas
+        rng = np.random.default_rng(0)
+        A = rng.standard_normal((512, 784)).astype(np.float32)
+        B = rng.standard_normal((784, 1024)).astype(np.float32)
+        C = np.empty((512, 1024), np.float32)
+        _blas.gemm_bf16(A, B, C)
+        print(_blas.bf16_gemm_routed(), hashlib.sha256(C.tobytes()).hexdigest())
+    """)
+    runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+            for _ in range(2)]
+    assert all(p.returncode == 0 for p in runs), runs[0].stderr
+    assert runs[0].stdout == runs[1].stdout
