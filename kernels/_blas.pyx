@@ -138,7 +138,10 @@ cdef void bf16gemm_rm(int trans_a, int trans_b, int M, int N, int K, float alpha
     if M <= 0 or N <= 0 or K <= 0:
         sgemm_rm(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc)
         return
-    if fdl_mkl_gemm_bf16 != NULL:
+    # MKL's native bf16 GEMM costs ~20 us a call at least (packing + dispatch; measured on the AMD
+    # EPYC, benchmarks/bf16_ceiling.py): small products take the rounding fallback below, which then
+    # gets sgemm_rm's small-product path. A choice by shape only: deterministic.
+    if fdl_mkl_gemm_bf16 != NULL and <double>M * N * K > JIT_MNK:
         pa = fdl_bf16_scratch(0, <size_t>ra * ca * 2)
         pb = fdl_bf16_scratch(1, <size_t>rb * cb * 2)
         if pa == NULL or pb == NULL:

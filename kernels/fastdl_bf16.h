@@ -15,6 +15,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include "fastdl_common.h"   /* FASTDL_TC: AVX-512 / AVX2 clones of the packing loops */
 
 typedef void (*fdl_gemm_bf16_t)(int layout, int transa, int transb, int m, int n, int k, float alpha,
                                 const uint16_t* A, int lda, const uint16_t* B, int ldb, float beta,
@@ -25,12 +26,15 @@ static fdl_gemm_bf16_t fdl_mkl_gemm_bf16 = 0;
 static void fdl_bf16_set_mkl(size_t address) { fdl_mkl_gemm_bf16 = (fdl_gemm_bf16_t)address; }
 static int fdl_bf16_has_mkl(void) { return fdl_mkl_gemm_bf16 != 0; }
 
+/* Round to nearest even; a NaN stays a (quiet) NaN. Branch-free (a bit select) so that the
+   packing loops vectorise. */
 static inline uint16_t fdl_f32_to_bf16(float f) {
-    uint32_t u;
+    uint32_t u, rounded, quiet, nan;
     memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x0040u);  /* quiet NaN */
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
+    rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    quiet = (u >> 16) | 0x0040u;
+    nan = 0u - (uint32_t)((u & 0x7fffffffu) > 0x7f800000u);
+    return (uint16_t)((quiet & nan) | (rounded & ~nan));
 }
 
 static inline float fdl_bf16_round(float f) {
@@ -60,7 +64,7 @@ static void* fdl_bf16_scratch(int which, size_t bytes) {
 }
 
 /* Copy the rows x cols row-major matrix at src (row stride ld) into a packed buffer, rounded. */
-static void fdl_pack_bf16(const float* src, int rows, int cols, int ld, uint16_t* dst) {
+static FASTDL_TC void fdl_pack_bf16(const float* src, int rows, int cols, int ld, uint16_t* dst) {
     for (int i = 0; i < rows; i++) {
         const float* s = src + (size_t)i * ld;
         uint16_t* d = dst + (size_t)i * cols;
@@ -68,7 +72,7 @@ static void fdl_pack_bf16(const float* src, int rows, int cols, int ld, uint16_t
     }
 }
 
-static void fdl_pack_rounded(const float* src, int rows, int cols, int ld, float* dst) {
+static FASTDL_TC void fdl_pack_rounded(const float* src, int rows, int cols, int ld, float* dst) {
     for (int i = 0; i < rows; i++) {
         const float* s = src + (size_t)i * ld;
         float* d = dst + (size_t)i * cols;
