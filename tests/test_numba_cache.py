@@ -144,3 +144,24 @@ def test_stale_key_directories_are_pruned_and_nothing_else(tmp_path):
     os.utime(recent, (now - 2 * day, now - 2 * day))
     assert _cache.prune_stale(tmp_path, keep=keep.name, now=now) == [old]
     assert not old.exists() and recent.exists() and keep.exists() and other.exists()
+
+
+def test_concurrent_saves_of_two_signatures_never_cross_wire(tmp_path):
+    # numba's own numbering let two processes write the same data file for different signatures
+    # (an index entry then pointed at another signature's machine code: a segfault)
+    a = _cache.KeyedIndexDataCacheFile(str(tmp_path), "mod.f-1.py311", "stamp")
+    b = _cache.KeyedIndexDataCacheFile(str(tmp_path), "mod.f-1.py311", "stamp")
+    a.save(("sig1", "cpu"), {"code": 1})
+    b.save(("sig2", "cpu"), {"code": 2})
+    assert a.load(("sig1", "cpu")) == {"code": 1} and a.load(("sig2", "cpu")) == {"code": 2}
+    names = {p.name for p in tmp_path.glob("*.nbc")}
+    assert len(names) == 2
+    # an index that points a key at another key's data (the old race) is a miss, not foreign code
+    overloads = a._load_index()
+    overloads[("sig2", "cpu")] = overloads[("sig1", "cpu")]
+    a._save_index(overloads)
+    assert b.load(("sig2", "cpu")) is None and b.load(("sig1", "cpu")) == {"code": 1}
+    # a truncated data file is a miss too
+    path = tmp_path / overloads[("sig1", "cpu")]
+    path.write_bytes(path.read_bytes()[:5])
+    assert a.load(("sig1", "cpu")) is None

@@ -27,19 +27,20 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
 import sys
 from pathlib import Path
 from typing import Callable, Iterable
 
 import llvmlite
 import numba
-from numba.core.caching import CompileResultCacheImpl, FunctionCache, NullCache, _CacheLocator
+from numba.core.caching import CompileResultCacheImpl, FunctionCache, IndexDataCacheFile, NullCache, _CacheLocator
 
 _PKG = Path(__file__).resolve().parents[2]          # the fastdl package directory
 
 #: every source file whose compiled code lands in this cache (relative to the fastdl package)
 KERNEL_SOURCES: tuple[str, ...] = (
-    "backends/contract.py",
+    "plan.py", "backends/contract.py",      # constants compiled into the kernels and the epoch executor
     "backends/numba/__init__.py", "backends/numba/_cache.py", "backends/numba/_math.py",
     "backends/numba/_chunks.py", "backends/numba/dense.py", "backends/numba/batchnorm.py",
     "backends/numba/losses.py", "backends/numba/dropout.py", "backends/numba/optim.py",
@@ -172,8 +173,48 @@ class _FastdlCacheImpl(CompileResultCacheImpl):
     _locator_classes = [FastdlCacheLocator]
 
 
+class KeyedIndexDataCacheFile(IndexDataCacheFile):
+    """Numba's index + data files, safe for processes that compile the same functions at once.
+
+    Numba numbers a function's data files 1, 2, ... and writes the index
+    before the data: two processes saving two signatures at the same time
+    can both take number N, and the index then points one signature at the
+    other's machine code (seen: a segfault when several test runs shared
+    the cache). Here a data file is named by a hash of its index key, written
+    before the index, and carries its key, checked on load (a mismatch is a
+    cache miss). A lost index update only costs a recompilation.
+    """
+
+    def _keyed_name(self, key) -> str:
+        return self._data_name_pattern.replace("{number:d}", hashlib.sha256(repr(key).encode()).hexdigest()[:20])
+
+    def save(self, key, data):
+        name = self._keyed_name(key)
+        self._save_data(name, (repr(key), data))
+        overloads = self._load_index()
+        if overloads.get(key) != name:
+            overloads[key] = name
+            self._save_index(overloads)
+
+    def load(self, key):
+        name = self._load_index().get(key)
+        if name is None or name != self._keyed_name(key):
+            return None
+        try:
+            tag, data = self._load_data(name)
+        except (OSError, ValueError, TypeError, EOFError, pickle.UnpicklingError):  # removed/truncated: a miss
+            return None
+        return data if tag == repr(key) else None
+
+
 class _FastdlCache(FunctionCache):
     _impl_class = _FastdlCacheImpl
+
+    def __init__(self, py_func):
+        super().__init__(py_func)
+        self._cache_file = KeyedIndexDataCacheFile(cache_path=self._cache_path,
+                                                   filename_base=self._impl.filename_base,
+                                                   source_stamp=self._impl.locator.get_source_stamp())
 
 
 def enable_cache(dispatcher):
@@ -202,5 +243,5 @@ pjit = fastdl_njit(error_model="numpy", parallel=True)
 mjit = fastdl_njit(error_model="numpy", fastmath={"contract"})   # math polynomials only
 rjit = fastdl_njit(error_model="numpy", fastmath={"reassoc"})    # float64 sums: vectorised order
 
-__all__ = ["KERNEL_SOURCES", "STALE_DAYS", "FastdlCacheLocator", "prune_stale", "cache_dir", "cache_root", "current_key", "enable_cache",
+__all__ = ["KERNEL_SOURCES", "STALE_DAYS", "FastdlCacheLocator", "KeyedIndexDataCacheFile", "prune_stale", "cache_dir", "cache_root", "current_key", "enable_cache",
            "fastdl_njit", "jit", "mjit", "pjit", "rjit", "source_key"]
