@@ -72,7 +72,7 @@ def pytest_report_header(config):
 def _compiled_backends_warm():
     """Compile / load from cache every Numba kernel before anything is timed."""
     try:
-        from fastdl.backends import numba_backend
+        from fastdl.backends import numba as numba_backend
     except ImportError:
         return
     numba_backend.warmup()
