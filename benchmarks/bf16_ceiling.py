@@ -10,9 +10,10 @@ read p, g, v, s; write p, v, s), and prints the ceiling in samples/s for:
 
 * ``fp32``: fastdl's ``sgemm_rm`` (kernels/_blas.pyx: MKL's sgemm, its JIT kernels for small products;
   the float32 GEMM every fp32 step uses);
-* ``bf16 entry``: fastdl's one bf16 entry point (``bf16gemm_rm``, as the kernels call it), natively
-  routed to MKL's ``cblas_gemm_bf16bf16f32``; this includes rounding/packing both float32 operands
-  into bf16 scratch, which every bf16 step pays;
+* ``bf16 entry``: fastdl's one bf16 entry point (``bf16gemm_rm``, as the kernels call it) with MKL's
+  ``cblas_gemm_bf16bf16f32`` enabled: it uses it for products above ``JIT_MNK`` multiply-adds and the
+  rounding fallback below (MKL's per-call floor); this includes rounding/packing both float32
+  operands into scratch, which every bf16 step pays;
 * ``bf16 MKL only``: ``cblas_gemm_bf16bf16f32`` on operands packed beforehand (the hardware rate MKL
   reaches: the bound if activations and weights were already stored in bf16);
 * ``bf16 fallback``: the same entry point routed to the rounding fallback (round + ``sgemm``);
@@ -170,7 +171,7 @@ def measure(shape: str, repeats: int, lib, _blas, native_address: int, torch=Non
 def report(res: dict, native: bool) -> list[str]:
     cols = ["fp32", "entry", "mkl", "fallback"] if native else ["fp32", "fallback"]
     cols += ["torch"] if "torch" in res["rows"][0] else []
-    names = {"fp32": "fp32 sgemm", "entry": "bf16 entry (native)", "mkl": "bf16 MKL only", "fallback": "bf16 fallback",
+    names = {"fp32": "fp32 sgemm", "entry": "bf16 entry (as routed)", "mkl": "bf16 MKL only", "fallback": "bf16 fallback",
              "torch": "torch bf16 mm"}
     b = res["batch"]
     out = [f"### {res['shape']}: {'-'.join(map(str, res['widths']))}, batch {b}, {res['n_params']:,} parameters", "",
