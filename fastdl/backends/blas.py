@@ -133,15 +133,27 @@ def cpu_bf16_unit() -> str:
     return ""
 
 
+def cpu_vendor() -> str:
+    """``vendor_id`` from /proc/cpuinfo (``'GenuineIntel'``, ``'AuthenticAMD'``, ...) or ``''``."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("vendor_id")), "")
+    except OSError:
+        return ""
+
+
 def _select_bf16(_blas, provider: str) -> None:
-    # A native bf16 GEMM is used only where the CPU has a bf16 unit: elsewhere MKL emulates it more
-    # slowly than the fallback (round the operands, then the float32 GEMM), which gives the same numbers.
+    # MKL runs its bf16 GEMM on the bf16 units of Intel CPUs only (AMX, AVX512-BF16). Elsewhere
+    # (an AMD Zen 4 with AVX512-BF16 included: measured 2-5% slower than the fallback at the L
+    # shapes, benchmarks/bf16_ceiling.py) the fallback - round the operands, then the float32 GEMM,
+    # the same numbers - is at least as fast, so 'auto' uses MKL's only on Intel with a bf16 unit.
     choice = os.environ.get("FASTDL_BF16_GEMM", "auto").strip().lower()
     if choice not in BF16_CHOICES:
         raise ValueError(f"FASTDL_BF16_GEMM must be one of {', '.join(BF16_CHOICES)}; got {choice!r}")
     unit = cpu_bf16_unit()
     address = int(_state.get("mkl_bf16") or 0) if provider == "mkl" else 0
-    use = address != 0 and (choice == "native" or (choice == "auto" and unit != ""))
+    use = address != 0 and (choice == "native"
+                            or (choice == "auto" and unit != "" and cpu_vendor() == "GenuineIntel"))
     if choice == "native" and not address:
         raise ImportError("FASTDL_BF16_GEMM=native needs MKL's cblas_gemm_bf16bf16f32 (pip install 'fastdl[mkl]')")
     _blas.set_bf16_gemm(address if use else 0)
