@@ -117,7 +117,7 @@ def test_mkl_results_do_not_depend_on_memory_alignment() -> None:
 
 def test_numpy_standins_compute_the_row_major_product() -> None:
     # the Numba backend's GEMMs when fastdl._kernels is not built
-    from fastdl.backends import numba_backend as nb
+    from fastdl.backends.numba import dense as nb
 
     s_addr, d_addr = nb._numpy_gemm_standins()
     rng = np.random.default_rng(2)

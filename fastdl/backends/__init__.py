@@ -38,10 +38,10 @@ from . import reference, runtime, validate
 from .contract import KERNELS, KernelContract
 
 BACKEND_NAMES: tuple[str, ...] = ("reference", "numba", "cython")
-# Module paths per backend, first importable wins (the Numba backend is becoming a package).
+# Module paths per backend, first importable wins.
 _MODULES: dict[str, tuple[str, ...]] = {
     "reference": ("fastdl.backends.reference",),
-    "numba": ("fastdl.backends.numba", "fastdl.backends.numba_backend"),
+    "numba": ("fastdl.backends.numba",),
     "cython": ("fastdl.backends.cython_backend",),
 }
 _NATIVE = {"numba", "cython"}   # backends that load libgomp (and possibly MKL)

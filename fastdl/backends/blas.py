@@ -165,7 +165,7 @@ def _select_bf16(_blas, provider: str) -> None:
 def _mkl_serial_after_fork() -> None:
     # MKL's GNU threading layer is libgomp, which is not fork-safe: a fork()ed child whose
     # parent ran a parallel region can hang in its next one. Children run MKL on one thread
-    # (like the Numba kernels, see numba_backend._serial_after_fork).
+    # (like the Numba kernels, see fastdl.backends.numba._chunks._serial_after_fork).
     if _state.get("provider") == "mkl":
         _state["mkl_lib"].MKL_Set_Num_Threads(1)
 
