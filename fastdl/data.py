@@ -1,7 +1,7 @@
 """Data utilities: train/dev/test split, input standardisation, mini-batches
 and loaders for NPZ, CSV and IDX (MNIST-style) files.
 
-Layout follows SPEC.md: examples are rows, ``X`` has shape ``(m, n_features)``
+Layout follows docs/spec.md: examples are rows, ``X`` has shape ``(m, n_features)``
 and ``y`` holds one label (or target row) per example.
 """
 from __future__ import annotations

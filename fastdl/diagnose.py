@@ -1,4 +1,4 @@
-"""Bias / variance diagnosis (SPEC.md "Bias / variance diagnosis", notes 1.2-1.3).
+"""Bias / variance diagnosis (docs/spec.md "Bias / variance diagnosis", notes 1.2-1.3).
 
 >>> import fastdl as fd
 >>> d = fd.diagnose(train_error=0.01, dev_error=0.11)
@@ -208,7 +208,7 @@ class Diagnosis:
 
 def diagnose(train_error: Any, dev_error: "float | None" = None, optimal_error: float = 0.0, *,
              threshold: "float | tuple[float, float]" = DEFAULT_THRESHOLD) -> Diagnosis:
-    """Bias / variance diagnosis with recommendations (SPEC.md, notes 1.2-1.3).
+    """Bias / variance diagnosis with recommendations (docs/spec.md, notes 1.2-1.3).
 
     Parameters
     ----------

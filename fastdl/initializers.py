@@ -1,4 +1,4 @@
-"""Weight initialisation (SPEC.md "Initialisation"): deterministic given a seed."""
+"""Weight initialisation (docs/spec.md "Initialisation"): deterministic given a seed."""
 from __future__ import annotations
 
 import math

@@ -1,4 +1,4 @@
-"""Learning-rate schedules (SPEC.md "Learning-rate decay").
+"""Learning-rate schedules (docs/spec.md "Learning-rate decay").
 
 A schedule maps ``(alpha0, epoch, step)`` to the learning rate of the next
 update; ``epoch`` counts from 0 and ``step`` (updates) from 1. ``alpha0`` is

@@ -1,4 +1,4 @@
-"""Exponentially weighted averages (SPEC.md "Exponentially weighted averages", notes 2.3-2.5).
+"""Exponentially weighted averages (docs/spec.md "Exponentially weighted averages", notes 2.3-2.5).
 
 ``v_0 = 0``, ``v_t = beta * v_{t-1} + (1 - beta) * x_t`` averages over about
 ``1 / (1 - beta)`` values; the bias-corrected ``v_t / (1 - beta**t)`` removes

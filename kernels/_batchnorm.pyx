@@ -1,5 +1,5 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
-"""BatchNorm over the batch axis, per feature (SPEC.md "Batch normalisation").
+"""BatchNorm over the batch axis, per feature (docs/spec.md "Batch normalisation").
 
 Every pass sweeps rows of a row-major ``(m, n)`` array contiguously: with
 ``OMP`` threads the features are split into one contiguous range per thread

@@ -1,4 +1,4 @@
-"""Bias / variance diagnosis (SPEC.md "Bias / variance diagnosis")."""
+"""Bias / variance diagnosis (docs/spec.md "Bias / variance diagnosis")."""
 from __future__ import annotations
 
 import math
