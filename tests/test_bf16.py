@@ -299,9 +299,12 @@ def test_save_load_keeps_the_precision(tmp_path):
     np.testing.assert_array_equal(back.decision_function(X), m.decision_function(X))
 
 
+@pytest.mark.parametrize("backend", COMPILED)
 @pytest.mark.parametrize("fused", [True, False])
-def test_checkpoint_resume_is_bit_exact(tmp_path, fused):
-    """An interrupted bf16 run resumed from its checkpoint = the uninterrupted run, bit for bit."""
+def test_checkpoint_resume_is_bit_exact(tmp_path, fused, backend):
+    """An interrupted bf16 run resumed from its checkpoint = the uninterrupted run, bit for bit (each compiled
+    backend, its epoch executor and its per-layer path)."""
+    _compiled_backend(backend)
     X, y = _data(70, seed=4)
 
     class CrashAt(fd.Callback):
@@ -309,13 +312,13 @@ def test_checkpoint_resume_is_bit_exact(tmp_path, fused):
             if epoch == 1:
                 raise KeyboardInterrupt
 
-    straight = _net("auto")
+    straight = _net(backend)
     hs, os_ = _train(straight, X, y, fused=fused, epochs=4)
     ck = tmp_path / "ck.npz"
-    first = _net("auto")
+    first = _net(backend)
     with pytest.raises(KeyboardInterrupt):
         _train(first, X, y, fused=fused, epochs=4, checkpoint=ck, callbacks=[CrashAt()])
-    again = _net("auto")
+    again = _net(backend)
     again.params[...] += 1.0   # other initial values: everything comes from the checkpoint
     hr, or_ = _train(again, X, y, fused=fused, epochs=4, checkpoint=ck, resume=True)
     assert again.params.tobytes() == straight.params.tobytes()
