@@ -171,8 +171,8 @@ def measure(shape: str, repeats: int, lib, _blas, native_address: int, torch=Non
 def report(res: dict, native: bool) -> list[str]:
     cols = ["fp32", "entry", "mkl", "fallback"] if native else ["fp32", "fallback"]
     cols += ["torch"] if "torch" in res["rows"][0] else []
-    names = {"fp32": "fp32 sgemm", "entry": "bf16 entry (as routed)", "mkl": "bf16 MKL only", "fallback": "bf16 fallback",
-             "torch": "torch bf16 mm"}
+    names = {"fp32": "fp32 sgemm", "entry": "bf16 entry (MKL enabled)", "mkl": "bf16 MKL only",
+             "fallback": "bf16 fallback", "torch": "torch bf16 mm"}
     b = res["batch"]
     out = [f"### {res['shape']}: {'-'.join(map(str, res['widths']))}, batch {b}, {res['n_params']:,} parameters", "",
            "| GEMM (row-major M x K @ K x N) | " + " | ".join(f"{names[c]} ms (GFLOP/s)" for c in cols) + " |",
@@ -188,7 +188,8 @@ def report(res: dict, native: bool) -> list[str]:
                + " |")
     if native:
         f32 = sums["fp32"] + res["adam"]
-        out += ["", f"bf16 ceiling / fp32 ceiling: entry with MKL's bf16 GEMM {f32 / (sums['entry'] + res['adam']):.2f}x,"
+        e = sums["entry"] + res["adam"]
+        out += ["", f"bf16 ceiling / fp32 ceiling: entry with MKL's bf16 GEMM {f32 / e:.2f}x,"
                 f" rounding fallback {f32 / (sums['fallback'] + res['adam']):.2f}x, MKL on operands already in bf16 "
                 f"{f32 / (sums['mkl'] + res['adam']):.2f}x"]
     return out

@@ -267,8 +267,9 @@ def test_gemm_choice_by_environment():
     """FASTDL_BF16_GEMM=emulate|native|auto picks the implementation at load (fresh interpreters)."""
     code = "from fastdl.backends import blas; print(blas.info()['bf16_gemm'])"
     env = {k: v for k, v in os.environ.items() if k != "FASTDL_BF16_GEMM"}
-    run = lambda value: subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,  # noqa: E731
-                                       env=dict(env, FASTDL_BF16_GEMM=value))
+    def run(value: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                              env=dict(env, FASTDL_BF16_GEMM=value))
     p = run("emulate")
     assert p.returncode == 0 and "rounding fallback" in p.stdout, p.stderr
     p = run("bogus")
