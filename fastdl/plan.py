@@ -255,6 +255,17 @@ class Plan:
         return [dict(op.__dict__) for op in self.ops]
 
 
+def _flat_offsets(layers, specs: str) -> tuple[dict[tuple[int, str], int], int]:
+    """Offsets of every ``(layer index, array name)`` in one flat vector, in model order, and its size."""
+    offsets: dict[tuple[int, str], int] = {}
+    off = 0
+    for li, layer in enumerate(layers):
+        for name, shape in getattr(layer, specs)():
+            offsets[(li, name)] = off
+            off += int(np.prod(shape))
+    return offsets, off
+
+
 def compile_plan(model: "Sequential") -> Plan:
     """Compile ``model`` into its :class:`Plan` (the one place that derives the op order).
 
@@ -264,20 +275,8 @@ def compile_plan(model: "Sequential") -> Plan:
     """
     from .layers import Activation, BatchNorm, Dense, Dropout
 
-    p_off: dict[tuple[int, str], int] = {}
-    off = 0
-    for li, layer in enumerate(model.layers):
-        for name, shape in layer.param_specs():
-            p_off[(li, name)] = off
-            off += int(np.prod(shape))
-    n_params = off
-    s_off: dict[tuple[int, str], int] = {}
-    off = 0
-    for li, layer in enumerate(model.layers):
-        for name, shape in layer.state_specs():
-            s_off[(li, name)] = off
-            off += int(np.prod(shape))
-    n_state = off
+    p_off, n_params = _flat_offsets(model.layers, "param_specs")
+    s_off, n_state = _flat_offsets(model.layers, "state_specs")
     precision = PRECISION_CODES[getattr(model, "precision", "fp32")]
 
     ops: list[OpSpec] = []
