@@ -27,8 +27,9 @@ def test_info_names_the_provider_and_why() -> None:
     info = blas.info()
     assert info["provider"] in blas.PROVIDERS
     assert info["why"].startswith("FASTDL_BLAS=")
-    assert info["provider"] == ("mkl" if HAVE_MKL and os.environ.get("FASTDL_BLAS", "auto") != "openblas"
-                                else "openblas")
+    choice = os.environ.get("FASTDL_BLAS", "auto")
+    want_mkl = HAVE_MKL and (choice == "mkl" or (choice == "auto" and blas._mkl_is_fast_here()))
+    assert info["provider"] == ("mkl" if want_mkl else "openblas")
 
 
 def test_unknown_choice_is_refused() -> None:

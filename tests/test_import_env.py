@@ -138,7 +138,7 @@ def test_mkl_loaded_by_another_library_is_reported_not_applied(backend: str) -> 
     if not paths:
         pytest.skip("MKL not installed")
     preload = f"ctypes.CDLL({paths[0]!r}, mode=ctypes.RTLD_GLOBAL)"
-    r = _run(FIRST_USE.format(preload=preload, backend=backend, vars=VARS), FASTDL_BLAS="auto")
+    r = _run(FIRST_USE.format(preload=preload, backend=backend, vars=VARS), FASTDL_BLAS="mkl")
     for var in ("MKL_CBWR", "MKL_THREADING_LAYER"):
         assert r["env"][var] is None
         assert r["info"][f"env:{var}"]["status"].startswith("not applied: MKL was already loaded by another library (")
