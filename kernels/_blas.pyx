@@ -166,9 +166,36 @@ cdef void bf16gemm_rm(int trans_a, int trans_b, int M, int N, int K, float alpha
     sgemm_rm(trans_a, trans_b, M, N, K, alpha, <float*>pa, ca, <float*>pb, cb, beta, C, ldc)
 
 
+cdef void bf16gemm_pre_rm(int trans_a, int trans_b, int M, int N, int K, float alpha, const float* A, int lda,
+                          const float* B, int ldb, float beta, float* C, int ldc) noexcept nogil:
+    """``bf16gemm_rm`` for operands that are ALREADY bfloat16 values stored as float32 (no rounding copy).
+
+    Contract: every element of op(A) and op(B) is bf16-representable (the executors round each operand
+    once per step: W once, a layer's input once for Z and dW, dZ once for dW and dX; docs/spec.md
+    section 13). The numbers are those of ``bf16gemm_rm`` on the same (or the unrounded) operands: its
+    rounding is the identity on such values. The fallback is then ``sgemm_rm`` directly, no copy.
+    """
+    cdef int ra = K if trans_a else M
+    cdef int ca = M if trans_a else K
+    cdef int rb = N if trans_b else K
+    cdef int cb = K if trans_b else N
+    cdef void* pa
+    cdef void* pb
+    cdef int prev
+    if M <= 0 or N <= 0 or K <= 0:
+        sgemm_rm(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc)
+        return
+    # the native routes of bf16gemm_rm take packed bf16 (MKL) or pack themselves (fastdl's kernel):
+    # same routing, same numbers
+    if fdl_mkl_gemm_bf16 != NULL and <double>M * N * K > JIT_MNK:
+        bf16gemm_rm(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc)
+        return
+    sgemm_rm(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc)
+
+
 def rowmajor_addresses() -> tuple:
-    """Addresses of the C functions ``sgemm_rm``, ``dgemm_rm`` and ``bf16gemm_rm`` (module docstring)."""
-    return <size_t>&sgemm_rm, <size_t>&dgemm_rm, <size_t>&bf16gemm_rm
+    """Addresses of ``sgemm_rm``, ``dgemm_rm``, ``bf16gemm_rm`` and ``bf16gemm_pre_rm`` (module docstring)."""
+    return <size_t>&sgemm_rm, <size_t>&dgemm_rm, <size_t>&bf16gemm_rm, <size_t>&bf16gemm_pre_rm
 
 
 def set_small_gemm_openblas(bint enabled) -> bool:
@@ -220,6 +247,28 @@ def gemm_bf16(A, B, C, bint trans_a=False, bint trans_b=False) -> None:
     with nogil:
         bf16gemm_rm(trans_a, trans_b, M, N, K, 1.0, &a[0, 0], <int>a.shape[1], &b[0, 0], <int>b.shape[1], 0.0,
                     &c[0, 0], <int>c.shape[1])
+
+
+def gemm_bf16_pre(A, B, C, bint trans_a=False, bint trans_b=False) -> None:
+    """``C = op(A) @ op(B)`` through ``bf16gemm_pre_rm``: C-contiguous float32 arrays whose values are already
+    bfloat16 (tests: equals :func:`gemm_bf16` bit for bit on such operands)."""
+    cdef float[:, ::1] a = A
+    cdef float[:, ::1] b = B
+    cdef float[:, ::1] c = C
+    cdef int M = c.shape[0]
+    cdef int N = c.shape[1]
+    cdef int K = a.shape[0] if trans_a else a.shape[1]
+    if (a.shape[1] if trans_a else a.shape[0]) != M or (b.shape[1] if trans_b else b.shape[0]) != K \
+            or (b.shape[0] if trans_b else b.shape[1]) != N:
+        raise ValueError(f"gemm_bf16_pre: shapes {A.shape} x {B.shape} -> {C.shape} do not match")
+    if M == 0 or N == 0:
+        return
+    if K == 0:
+        C[...] = 0
+        return
+    with nogil:
+        bf16gemm_pre_rm(trans_a, trans_b, M, N, K, 1.0, &a[0, 0], <int>a.shape[1], &b[0, 0], <int>b.shape[1], 0.0,
+                        &c[0, 0], <int>c.shape[1])
 
 
 def set_fortran_gemm(size_t sgemm_address, size_t dgemm_address, size_t set_threads_local_address=0,
