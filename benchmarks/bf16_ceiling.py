@@ -112,7 +112,7 @@ def measure(shape: str, repeats: int, lib, _blas, native_address: int, torch=Non
     widths, batch = SHAPES[shape]
     rng = np.random.default_rng(0)
     # fastdl's own row-major entry points (what the training steps call), through one calling convention
-    sgemm_addr, _, bf16_addr = _blas.rowmajor_addresses()
+    sgemm_addr, _, bf16_addr = _blas.rowmajor_addresses()[:3]
     sgemm_rm, bf16gemm_rm = _RM(sgemm_addr), _RM(bf16_addr)
     bgemm = lib.cblas_gemm_bf16bf16f32 if native_address else None
     if bgemm is not None:

@@ -42,6 +42,14 @@ cdef extern from "fastdl_bf16.h" nogil:
     void fdl_pack_bf16(const float* src, int rows, int cols, int ld, unsigned short* dst)
     void fdl_pack_rounded(const float* src, int rows, int cols, int ld, float* dst)
 
+# fastdl's own AVX512-BF16 GEMM (vdpbf16ps), for CPUs with the unit where MKL has no native path (AMD)
+cdef extern from "fastdl_bf16gemm.h" nogil:
+    int fdl_bf16k_available()
+    int fdl_bf16k_compiled()
+    int fdl_bf16k_gemm(int ta, int tb, int M, int N, int K, float alpha, const float* A, int lda, const float* B,
+                       int ldb, float beta, float* C, int ldc, int nthreads)
+    int fastdl_max_threads()
+
 cdef extern from "stdlib.h" nogil:
     void abort()
 
@@ -70,6 +78,13 @@ cdef enum:
 # one process: 466k vs 377k samples/s (median of 7). The choice depends only on the shape (and on
 # MKL's JIT support on the CPU), so results stay deterministic run to run.
 cdef bint _small_openblas = True
+
+# Routing of bf16gemm_rm to fastdl's AVX512-BF16 kernel: 0 off, 1 products above BF16K_MNK multiply-adds
+# (smaller ones: the rounding fallback, whose sgemm has a small-product path; a choice by shape only,
+# so deterministic), 2 every product (FASTDL_BF16_GEMM=avx512; tests).
+cdef int _bf16_kernel = 0
+cdef enum:
+    BF16K_MNK = 524288
 
 
 cdef void sgemm_rm(int trans_a, int trans_b, int M, int N, int K, float alpha, const float* A, int lda,
@@ -157,6 +172,11 @@ cdef void bf16gemm_rm(int trans_a, int trans_b, int M, int N, int K, float alpha
             fdl_mkl_gemm_bf16(101, 112 if trans_a else 111, 112 if trans_b else 111, M, N, K, alpha,
                               <unsigned short*>pa, ca, <unsigned short*>pb, cb, beta, C, ldc)
         return
+    if _bf16_kernel == 2 or (_bf16_kernel == 1 and <double>M * N * K > BF16K_MNK):
+        # packs (and rounds) both operands itself; threads: fastdl's OpenMP count, results independent of it
+        if fdl_bf16k_gemm(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, fastdl_max_threads()) != 0:
+            abort()   # packing buffer not allocated (set_bf16_kernel only enables an available kernel)
+        return
     pa = fdl_bf16_scratch(0, <size_t>ra * ca * 4)
     pb = fdl_bf16_scratch(1, <size_t>rb * cb * 4)
     if pa == NULL or pb == NULL:
@@ -190,6 +210,9 @@ cdef void bf16gemm_pre_rm(int trans_a, int trans_b, int M, int N, int K, float a
     if fdl_mkl_gemm_bf16 != NULL and <double>M * N * K > JIT_MNK:
         bf16gemm_rm(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc)
         return
+    if _bf16_kernel == 2 or (_bf16_kernel == 1 and <double>M * N * K > BF16K_MNK):
+        bf16gemm_rm(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc)
+        return
     sgemm_rm(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc)
 
 
@@ -214,6 +237,37 @@ def set_bf16_gemm(size_t address) -> None:
     fdl_bf16_set_mkl(address)
 
 
+def set_bf16_kernel(int mode) -> int:
+    """Route ``bf16gemm_rm`` to fastdl's AVX512-BF16 kernel: 0 off, 1 above a size threshold, 2 always.
+
+    Returns the previous mode. Raises RuntimeError for 1 or 2 when this CPU or build has no such kernel.
+    """
+    global _bf16_kernel
+    if mode not in (0, 1, 2):
+        raise ValueError(f"set_bf16_kernel: mode must be 0, 1 or 2, got {mode}")
+    if mode and not fdl_bf16k_available():
+        raise RuntimeError("fastdl's AVX512-BF16 GEMM needs an x86-64 CPU with AVX512_BF16 (and a build with "
+                           f"GCC >= 10 or Clang >= 9; this build {'has' if fdl_bf16k_compiled() else 'lacks'} it)")
+    prev = _bf16_kernel
+    _bf16_kernel = mode
+    return prev
+
+
+def bf16_kernel_mode() -> int:
+    """The current routing to fastdl's AVX512-BF16 kernel (see :func:`set_bf16_kernel`)."""
+    return _bf16_kernel
+
+
+def bf16_kernel_available() -> bool:
+    """True when this build has fastdl's AVX512-BF16 GEMM and the CPU (CPUID) and OS (XCR0) can run it."""
+    return fdl_bf16k_available() != 0
+
+
+def bf16_kernel_threshold() -> int:
+    """Products of more than this many multiply-adds use the AVX512-BF16 kernel in mode 1."""
+    return BF16K_MNK
+
+
 def bf16_gemm_routed() -> bool:
     """True when ``bf16gemm_rm`` calls a native bfloat16 GEMM (MKL), False for the rounding fallback."""
     return fdl_mkl_gemm_bf16 != NULL
@@ -228,11 +282,34 @@ def bf16_round(x) -> None:
         fdl_pack_rounded(&v[0], 1, <int>v.shape[0], <int>v.shape[0], &v[0])
 
 
-def gemm_bf16(A, B, C, bint trans_a=False, bint trans_b=False) -> None:
-    """``C = round_bf16(op(A)) @ round_bf16(op(B))`` on C-contiguous float32 arrays (tests, benchmarks)."""
-    cdef float[:, ::1] a = A
-    cdef float[:, ::1] b = B
-    cdef float[:, ::1] c = C
+def _row_stride(str name, v) -> int:
+    """The row stride (in floats) of a 2-D float32 array with contiguous rows, for gemm_bf16's ``ld``."""
+    if v.ndim != 2:
+        raise ValueError(f"gemm_bf16: {name} must be 2-D, got shape {v.shape}")
+    if v.size == 0:
+        return max(v.shape[1], 1)
+    if v.shape[1] > 1 and v.strides[1] != 4:
+        raise ValueError(f"gemm_bf16: {name} must have contiguous rows, got strides {v.strides}")
+    if v.shape[0] == 1:
+        return max(v.shape[1], 1)   # one row: its stride is never used
+    if v.strides[0] % 4 or v.strides[0] < 4 * v.shape[1]:
+        raise ValueError(f"gemm_bf16: {name} must have contiguous rows (row stride >= row length), "
+                         f"got shape {v.shape}, strides {v.strides}")
+    return v.strides[0] // 4
+
+
+def gemm_bf16(A, B, C, bint trans_a=False, bint trans_b=False, float alpha=1.0, float beta=0.0) -> None:
+    """``C = alpha * round_bf16(op(A)) @ round_bf16(op(B)) + beta * C`` through ``bf16gemm_rm`` (tests, benchmarks).
+
+    float32 2-D arrays whose rows are contiguous (a row stride larger than the row, e.g. a column slice, is
+    passed to the kernel as ``ld``).
+    """
+    cdef int lda = _row_stride("A", A)
+    cdef int ldb = _row_stride("B", B)
+    cdef int ldc = _row_stride("C", C)
+    cdef float[:, :] a = A
+    cdef float[:, :] b = B
+    cdef float[:, :] c = C
     cdef int M = c.shape[0]
     cdef int N = c.shape[1]
     cdef int K = a.shape[0] if trans_a else a.shape[1]
@@ -241,12 +318,14 @@ def gemm_bf16(A, B, C, bint trans_a=False, bint trans_b=False) -> None:
         raise ValueError(f"gemm_bf16: shapes {A.shape} x {B.shape} -> {C.shape} do not match")
     if M == 0 or N == 0:
         return
-    if K == 0:
-        C[...] = 0
+    if K == 0:   # the empty product: C = beta * C (C not read when beta is 0)
+        if beta == 0:
+            C[...] = 0
+        else:
+            C *= beta
         return
     with nogil:
-        bf16gemm_rm(trans_a, trans_b, M, N, K, 1.0, &a[0, 0], <int>a.shape[1], &b[0, 0], <int>b.shape[1], 0.0,
-                    &c[0, 0], <int>c.shape[1])
+        bf16gemm_rm(trans_a, trans_b, M, N, K, alpha, &a[0, 0], lda, &b[0, 0], ldb, beta, &c[0, 0], ldc)
 
 
 def gemm_bf16_pre(A, B, C, bint trans_a=False, bint trans_b=False) -> None:

@@ -46,17 +46,22 @@ def test_round_to_nearest_even():
     assert np.isnan(z[0])
 
 
-@pytest.fixture(params=["native", "emulate"])
+@pytest.fixture(params=["native", "avx512", "emulate"])
 def bf16_impl(request):
-    """Run a test with MKL's bf16 GEMM (when MKL has it) and with the rounding fallback."""
+    """Run a test with MKL's bf16 GEMM (when MKL has it), fastdl's AVX512-BF16 kernel for every product (when the
+    CPU has the instruction) and the rounding fallback."""
     blas.select()
     addr = int(blas._state.get("mkl_bf16") or 0)
     if request.param == "native" and not addr:
         pytest.skip("MKL's cblas_gemm_bf16bf16f32 is not available")
+    if request.param == "avx512" and not _blas.bf16_kernel_available():
+        pytest.skip("no AVX512_BF16 on this CPU (or fastdl's AVX512-BF16 kernel not in this build)")
     before = _blas.bf16_gemm_routed()
     _blas.set_bf16_gemm(addr if request.param == "native" else 0)
+    kernel_before = _blas.set_bf16_kernel(2 if request.param == "avx512" else 0)
     yield request.param
     _blas.set_bf16_gemm(addr if before else 0)
+    _blas.set_bf16_kernel(kernel_before)
 
 
 @pytest.mark.parametrize("M,N,K", [(1, 1, 1), (1, 10, 64), (37, 29, 53), (128, 130, 257), (3, 517, 9)])
@@ -273,7 +278,7 @@ def test_gemm_choice_by_environment():
     p = run("emulate")
     assert p.returncode == 0 and "rounding fallback" in p.stdout, p.stderr
     p = run("bogus")
-    assert p.returncode != 0 and "FASTDL_BF16_GEMM must be one of auto, native, emulate" in p.stderr
+    assert p.returncode != 0 and "FASTDL_BF16_GEMM must be one of auto, native, avx512, emulate" in p.stderr
     blas.select()
     p = run("native")
     if blas._state.get("mkl_bf16"):

@@ -119,7 +119,7 @@ def select(choice: str | None = None) -> str:
     return provider
 
 
-BF16_CHOICES = ("auto", "native", "emulate")
+BF16_CHOICES = ("auto", "native", "avx512", "emulate")
 
 
 def cpu_bf16_unit() -> str:
@@ -154,10 +154,19 @@ def _mkl_is_fast_here() -> bool:
 
 
 def _select_bf16(_blas, provider: str) -> None:
-    # MKL runs its bf16 GEMM on the bf16 units of Intel CPUs only (AMX, AVX512-BF16). Elsewhere
-    # (an AMD Zen 4 with AVX512-BF16 included: measured 2-5% slower than the fallback at the L
-    # shapes, benchmarks/bf16_ceiling.py) the fallback - round the operands, then the float32 GEMM,
-    # the same numbers - is at least as fast, so 'auto' uses MKL's only on Intel with a bf16 unit.
+    """Route ``bf16gemm_rm`` (the bf16 GEMM of both compiled backends) from ``FASTDL_BF16_GEMM``.
+
+    ``auto``: MKL's ``cblas_gemm_bf16bf16f32`` on Intel CPUs with a bf16 unit (MKL runs its AMX /
+    AVX512-BF16 code on Intel only); else fastdl's own AVX512-BF16 kernel (kernels/fastdl_bf16gemm.h)
+    when the CPU has the instruction, for products above ``_blas.bf16_kernel_threshold()`` multiply-adds
+    (below, its packing costs more than it saves); else, and for the small products, the rounding
+    fallback (operands rounded to bf16, float32 GEMM). ``native``: MKL's (an error without it);
+    ``avx512``: fastdl's kernel for every product (an error without the instruction); ``emulate``: the
+    fallback only. Every choice computes the same bf16 products with float32 accumulation (they differ
+    in summation order only); the choice depends on the CPU and the shape, never on timing.
+    """
+    # Measured on an AMD EPYC Zen 4 with AVX512-BF16 (benchmarks/bf16_ceiling.py): MKL's bf16 GEMM was
+    # 2-5% slower than the fallback there, fastdl's kernel ~2x faster than both on the L shapes.
     choice = os.environ.get("FASTDL_BF16_GEMM", "auto").strip().lower()
     if choice not in BF16_CHOICES:
         raise ValueError(f"FASTDL_BF16_GEMM must be one of {', '.join(BF16_CHOICES)}; got {choice!r}")
@@ -167,10 +176,24 @@ def _select_bf16(_blas, provider: str) -> None:
                             or (choice == "auto" and unit != "" and cpu_vendor() == "GenuineIntel"))
     if choice == "native" and not address:
         raise ImportError("FASTDL_BF16_GEMM=native needs MKL's cblas_gemm_bf16bf16f32 (pip install 'fastdl[mkl]')")
+    own = _blas.bf16_kernel_available()
+    if choice == "avx512" and not own:
+        raise ImportError("FASTDL_BF16_GEMM=avx512 needs a CPU with AVX512_BF16 (and fastdl built by GCC >= 10 "
+                          "or Clang >= 9 for x86-64); this one has none")
+    mode = 2 if choice == "avx512" else (1 if choice == "auto" and own and not use else 0)
     _blas.set_bf16_gemm(address if use else 0)
-    _state["bf16_unit"] = unit
-    _state["bf16_impl"] = ("MKL cblas_gemm_bf16bf16f32" if use
-                           else "rounding fallback: operands rounded to bfloat16, float32 GEMM")
+    _blas.set_bf16_kernel(mode)
+    _state["bf16_unit"] = unit or ("AVX512-BF16" if own else "")
+    if use:
+        impl = "MKL cblas_gemm_bf16bf16f32"
+    elif mode == 2:
+        impl = "fastdl AVX512-BF16 kernel (vdpbf16ps), every product"
+    elif mode == 1:
+        impl = (f"fastdl AVX512-BF16 kernel (vdpbf16ps) for products above {_blas.bf16_kernel_threshold():,} "
+                "multiply-adds; smaller: rounding fallback (operands rounded to bfloat16, float32 GEMM)")
+    else:
+        impl = "rounding fallback: operands rounded to bfloat16, float32 GEMM"
+    _state["bf16_impl"] = impl
 
 
 def _mkl_serial_after_fork() -> None:
