@@ -65,7 +65,12 @@ I_INV = 10      # workspace offset of BatchNorm inv_std (n_out)
 I_MASK = 11     # mask-buffer offset of a Dropout op (uint8, batch_size x n_out)
 I_LAYER = 12    # index of the layer in model.layers (the dropout key's `layer`)
 I_PREC = 13     # PRECISION_* of a Dense op's three GEMMs
-N_ICOLS = 14
+# bf16 Dense ops (docs/spec.md section 13: each GEMM operand rounded to bfloat16 ONCE per step), else -1:
+I_XR = 14       # workspace offset of round_bf16(input) (batch_size x n_in): the operand of Z = XW and dW
+I_WR = 15       # workspace offset of round_bf16(W) (n_in x n_out), written once per step before the forward
+I_OUTR = 16     # a Dense op followed by a bf16 Dense: where its activation pass writes round_bf16(output)
+                # (= the next op's I_XR; that op then does not round its input itself)
+N_ICOLS = 17
 
 # float columns of fprog
 F_KEEP = 0      # Dropout keep_prob
@@ -239,6 +244,13 @@ class Plan:
             if j > 0 or op.kind == OP_BATCHNORM:
                 row[I_DX] = ws
                 ws += B * op.n_in
+        # bf16: the rounded operands (fp32 plans: none, their layout is unchanged). dZ is rounded in place.
+        for j, op in enumerate(ops):
+            if op.kind == OP_DENSE and op.precision == PRECISION_BF16:
+                iprog[j, I_XR], iprog[j, I_WR] = ws, ws + B * op.n_in
+                ws += B * op.n_in + op.n_in * op.n_out
+                if j > 0 and ops[j - 1].kind == OP_DENSE:
+                    iprog[j - 1, I_OUTR] = iprog[j, I_XR]
         # the loss gradient (B x n_outputs) lives at the end of the workspace
         lay = Layout(B, iprog, fprog, ws + B * self.n_outputs, mask)
         if len(self._layouts) >= MAX_CACHED_LAYOUTS:  # inference on many input sizes must not grow memory

@@ -48,6 +48,12 @@ cdef sgemm_rm_t _sgemm_rm = <sgemm_rm_t><size_t>_blas.rowmajor_addresses()[0]
 cdef dgemm_rm_t _dgemm_rm = <dgemm_rm_t><size_t>_blas.rowmajor_addresses()[1]
 # precision=1: both operands rounded to bfloat16, float32 accumulation (MKL's bf16 GEMM or round + sgemm)
 cdef sgemm_rm_t _bf16gemm_rm = <sgemm_rm_t><size_t>_blas.rowmajor_addresses()[2]
+# the same GEMM on operands the caller has already rounded (the *_bf16_c cores below): no rounding copy
+cdef sgemm_rm_t _bf16gemm_pre_rm = <sgemm_rm_t><size_t>_blas.rowmajor_addresses()[3]
+
+cdef extern from "fastdl_bf16_pre.h" nogil:
+    float fdl_bf16r(float f)
+    void fdl_round_span(const float* s, float* d, size_t n)
 
 
 def build_info():
@@ -232,6 +238,102 @@ cdef void dense_backward_c(const real* A, const real* W, const real* out, const 
         gemm(False, True, m, n_in, n_out, one, dZ, n_out, W, n_out, zero, dA, n_in, precision)
 
 
+# ------------------------------------------------------------------ bf16 with operands rounded once
+
+cdef enum:
+    RB = 4096           # elements per block of the fused activation + rounding pass (L1-resident)
+
+
+cdef void round_bf16_c(const float* src, float* dst, Py_ssize_t n) noexcept nogil:
+    """``dst = round_bf16(src)`` (nearest even, as float32; ``dst`` may equal ``src``)."""
+    fdl_round_span(src, dst, <size_t>n)
+
+
+cdef tc_void grad_colsum_round(const float* A, const float* dA, float* dZr, float* db, Py_ssize_t m,
+                               Py_ssize_t n, int act) noexcept nogil:
+    """``grad_colsum_chunk`` (all columns) writing ``round_bf16(dZ)``: ``db`` sums the UNROUNDED dZ.
+
+    ``dZr`` may equal ``dA`` (each element is read before it is overwritten)."""
+    cdef double acc[CB]
+    cdef float row[CB]
+    cdef Py_ssize_t i, j, b0, w, off
+    b0 = 0
+    while b0 < n:
+        w = n - b0 if n - b0 < CB else CB
+        for j in range(w):
+            acc[j] = 0.0
+        for i in range(m):
+            off = i * n + b0
+            grad_span(A + off, dA + off, row, w, act)
+            for j in range(w):
+                acc[j] += row[j]
+            fdl_round_span(row, dZr + off, <size_t>w)
+        for j in range(w):
+            db[b0 + j] = <float>acc[j]
+        b0 += w
+
+
+cdef void dense_forward_bf16_c(const float* A, float* Ar, bint round_in, const float* Wr, const float* b,
+                               bint has_b, int act, float* out, float* outr, int m, int n_in,
+                               int n_out) noexcept nogil:
+    """``dense_forward_c`` with precision 1, each operand rounded once (docs/spec.md section 13).
+
+    ``Wr``: ``round_bf16(W)`` (rounded by the caller once per step). ``Ar``: ``round_bf16(A)``, written
+    here when ``round_in`` (else the producer wrote it: ``outr`` of the previous Dense) and kept for dW.
+    ``outr`` (or NULL): where ``round_bf16(out)`` goes (the next Dense's ``Ar``), in the activation pass.
+    The numbers are those of ``dense_forward_c(..., precision=1)``.
+    """
+    cdef float one = 1, zero = 0
+    cdef Py_ssize_t n = <Py_ssize_t>m * n_out, lo, w
+    if round_in:
+        fdl_round_span(A, Ar, <size_t>m * n_in)
+    if has_b:
+        fill_rows_chunk(out, b, 0, m, n_out)
+        _bf16gemm_pre_rm(False, False, m, n_out, n_in, one, Ar, n_in, Wr, n_out, one, out, n_out)
+    else:
+        _bf16gemm_pre_rm(False, False, m, n_out, n_in, one, Ar, n_in, Wr, n_out, zero, out, n_out)
+    if outr == NULL:
+        if act != IDENTITY:
+            act_chunk(out, out, n, act)
+        return
+    lo = 0
+    while lo < n:     # the activation and the rounding of each block while it is in L1
+        w = n - lo if n - lo < RB else RB
+        if act != IDENTITY:   # the tc_void chunk (SIMD clone) as in dense_forward_c: the same bits
+            act_chunk(out + lo, out + lo, w, act)
+        fdl_round_span(out + lo, outr + lo, <size_t>w)
+        lo += w
+
+
+cdef void dense_backward_bf16_c(const float* Ar, const float* W, const float* Wr, const float* out,
+                                float* dout, int act, double l2, float* dZr, float* dW, float* db, bint has_db,
+                                float* dA, bint has_dA, int m, int n_in, int n_out) noexcept nogil:
+    """``dense_backward_c`` with precision 1, each operand rounded once (docs/spec.md section 13).
+
+    ``Ar`` / ``Wr``: the rounded input and weights of the forward. ``dZr`` receives ``round_bf16(dZ)``
+    (``db`` is the sum of the unrounded dZ), the one operand of both GEMMs; it may equal ``dout``. The
+    weight-decay term ``l2 * W`` (float32 ``W``) is added to the product afterwards. The numbers are
+    those of ``dense_backward_c(..., precision=1)``.
+    """
+    cdef float one = 1, zero = 0
+    cdef Py_ssize_t n = <Py_ssize_t>m * n_out, lo, w
+    cdef float row[RB]
+    if has_db:
+        grad_colsum_round(out, dout, dZr, db, m, n_out, act)
+    else:
+        lo = 0
+        while lo < n:
+            w = n - lo if n - lo < RB else RB
+            grad_chunk(out + lo, dout + lo, row, w, act)   # tc_void, as dense_backward_c: the same bits
+            fdl_round_span(row, dZr + lo, <size_t>w)
+            lo += w
+    _bf16gemm_pre_rm(True, False, n_in, n_out, m, one, Ar, n_in, dZr, n_out, zero, dW, n_out)
+    if l2 != 0.0:
+        axpy_chunk(W, dW, <Py_ssize_t>n_in * n_out, <float>l2)
+    if has_dA:
+        _bf16gemm_pre_rm(False, True, m, n_in, n_out, one, dZr, n_out, Wr, n_out, zero, dA, n_in)
+
+
 # ------------------------------------------------------------------ Python entry points
 
 cdef int check_precision(int precision, int t) except -1:
@@ -310,6 +412,64 @@ def dense_backward(A_prev, W, out, dout, int act, double l2_over_m, dZ, dW, db, 
                             <double*>data(db) if has_db else NULL, has_db,
                             <double*>data(dA_prev) if has_dA else NULL, has_dA, <int>m, <int>n_in, <int>n_out,
                              0)
+
+
+def _f32(a, str name, Py_ssize_t rows, Py_ssize_t cols, bint writeable):
+    if not (wtype(a, 2) if writeable else rtype(a, 2)) == cnp.NPY_FLOAT or dim(a, 0) != rows or dim(a, 1) != cols:
+        raise ValueError(f"{name} must be a C-contiguous{' writeable' if writeable else ''} float32 array of "
+                         f"shape ({rows}, {cols})")
+
+
+def dense_forward_bf16(A, Ar, bint round_in, Wr, b, int act, out, outr=None):
+    """The bf16 forward core with operands rounded once (tests; the epoch executors call it in C).
+
+    ``Ar``: round_bf16(A), written here when ``round_in``; ``Wr``: round_bf16(W); ``outr`` (or None)
+    receives round_bf16(out). Same numbers as ``dense_forward(A, W, b, act, out, 1)``.
+    """
+    cdef Py_ssize_t m = dim(A, 0), n_in = dim(A, 1), n_out = dim(Wr, 1)
+    cdef bint has_b = not is_empty(b)
+    _f32(A, "A", m, n_in, False)
+    _f32(Ar, "Ar", m, n_in, True)
+    _f32(Wr, "Wr", n_in, n_out, False)
+    _f32(out, "out", m, n_out, True)
+    if outr is not None:
+        _f32(outr, "outr", m, n_out, True)
+    if has_b and not (rtype(b, 1) == cnp.NPY_FLOAT and dim(b, 0) == n_out):
+        raise ValueError(f"b must be float32 ({n_out},) or empty")
+    if not 0 <= act <= 3 or m > INT_MAX or n_in > INT_MAX or n_out > INT_MAX:
+        raise ValueError("bad activation code or size")
+    with nogil:
+        dense_forward_bf16_c(<float*>data(A), <float*>data(Ar), round_in, <float*>data(Wr),
+                             <float*>data(b) if has_b else NULL, has_b, act, <float*>data(out),
+                             <float*>data(outr) if outr is not None else NULL, <int>m, <int>n_in, <int>n_out)
+
+
+def dense_backward_bf16(Ar, W, Wr, out, dout, int act, double l2_over_m, dZr, dW, db, dA):
+    """The bf16 backward core with operands rounded once (tests; the epoch executors call it in C).
+
+    ``dZr`` receives round_bf16(dZ) and may be ``dout``; ``db`` / ``dA`` may be empty. Same numbers as
+    ``dense_backward(A, W, out, dout, act, l2_over_m, dZ, dW, db, dA, 1)`` (except dZ, stored rounded).
+    """
+    cdef Py_ssize_t m = dim(Ar, 0), n_in = dim(Ar, 1), n_out = dim(W, 1)
+    cdef bint has_db = not is_empty(db), has_dA = not is_empty(dA)
+    _f32(Ar, "Ar", m, n_in, False)
+    _f32(W, "W", n_in, n_out, False)
+    _f32(Wr, "Wr", n_in, n_out, False)
+    _f32(out, "out", m, n_out, False)
+    _f32(dout, "dout", m, n_out, False)
+    _f32(dZr, "dZr", m, n_out, True)
+    _f32(dW, "dW", n_in, n_out, True)
+    if has_db and not (wtype(db, 1) == cnp.NPY_FLOAT and dim(db, 0) == n_out):
+        raise ValueError(f"db must be float32 ({n_out},) or empty")
+    if has_dA:
+        _f32(dA, "dA", m, n_in, True)
+    if not 0 <= act <= 3 or m > INT_MAX or n_in > INT_MAX or n_out > INT_MAX:
+        raise ValueError("bad activation code or size")
+    with nogil:
+        dense_backward_bf16_c(<float*>data(Ar), <float*>data(W), <float*>data(Wr), <float*>data(out),
+                              <float*>data(dout), act, l2_over_m, <float*>data(dZr), <float*>data(dW),
+                              <float*>data(db) if has_db else NULL, has_db,
+                              <float*>data(dA) if has_dA else NULL, has_dA, <int>m, <int>n_in, <int>n_out)
 
 
 def activation_forward(Z, int act, out):

@@ -28,7 +28,8 @@ from libc.string cimport memcpy
 
 from _kernel_common cimport data, dim, fastdl_max_threads, is_empty, is_int64, real, rtype, wtype
 from fastdl._kernels._batchnorm cimport bn_backward_c, bn_forward_train_c, bn_work_size
-from fastdl._kernels._dense cimport activation_backward_c, activation_forward_c, dense_backward_c, dense_forward_c
+from fastdl._kernels._dense cimport (activation_backward_c, activation_forward_c, dense_backward_bf16_c,
+                                    dense_backward_c, dense_forward_bf16_c, dense_forward_c, round_bf16_c)
 from fastdl._kernels._dropout cimport dropout_backward_c, dropout_forward_c, dropout_key_c
 from fastdl._kernels._losses cimport bce_c, loss_buffer_size, mse_c, sce_c, seq_sum
 from fastdl._kernels._optim cimport any_nonfinite_c, opt_step_c, opt_step_ssq_c, ssq_partials, sum_squares_c
@@ -61,6 +62,7 @@ cdef struct Op:
     int prec            # PRECISION_* of the Dense GEMMs
     uint64_t layer
     Py_ssize_t p0, p1, s0, out, dx, mean, inv, mask
+    Py_ssize_t xr, wr, outr     # bf16: rounded input, rounded W, rounded output (the next Dense's xr); -1 = none
     double keep, eps, mom
 
 
@@ -157,6 +159,14 @@ cdef real* forward(Run* r, const real* xb, Py_ssize_t m, uint64_t step) noexcept
         op = &r.ops[j]
         out = ws + op.out
         if op.kind == OP_DENSE:
+            if real is float:
+                if op.prec == 1:   # bf16, each operand rounded once (docs/spec.md section 13); W once per step
+                    round_bf16_c(params + op.p0, ws + op.wr, <Py_ssize_t>op.n_in * op.n_out)
+                    dense_forward_bf16_c(x, ws + op.xr, j == 0 or r.ops[j - 1].outr < 0, ws + op.wr,
+                                         params + op.p1 if op.has_b else NULL, op.has_b, op.act, out,
+                                         ws + op.outr if op.outr >= 0 else NULL, <int>m, op.n_in, op.n_out)
+                    x = out
+                    continue
             dense_forward_c(x, params + op.p0, params + op.p1 if op.has_b else NULL, op.has_b, op.act, out,
                             <int>m, op.n_in, op.n_out, op.prec)
         elif op.kind == OP_BATCHNORM:
@@ -190,6 +200,13 @@ cdef void backward(Run* r, const real* xb, Py_ssize_t m, double l2_over_m) noexc
         x = xb if j == 0 else ws + r.ops[j - 1].out
         dx = ws + op.dx if op.dx >= 0 else NULL
         if op.kind == OP_DENSE:    # dZ written in place into dout
+            if real is float:
+                if op.prec == 1:   # round_bf16(dZ) in place: the operand of both GEMMs (db: the unrounded sum)
+                    dense_backward_bf16_c(ws + op.xr, params + op.p0, ws + op.wr, ws + op.out, dout, op.act,
+                                          l2_over_m, dout, grads + op.p0, grads + op.p1 if op.has_b else NULL,
+                                          op.has_b, dx, dx != NULL, <int>m, op.n_in, op.n_out)
+                    dout = dx
+                    continue
             dense_backward_c(x, params + op.p0, ws + op.out, dout, op.act, l2_over_m, dout, grads + op.p0,
                              grads + op.p1 if op.has_b else NULL, op.has_b, dx, dx != NULL,
                              <int>m, op.n_in, op.n_out, op.prec)
@@ -374,6 +391,11 @@ cdef class CythonEpochExecutor:
             op.mean = int(row[_plan.I_MEAN])
             op.inv = int(row[_plan.I_INV])
             op.mask = int(row[_plan.I_MASK])
+            op.xr = int(row[_plan.I_XR])
+            op.wr = int(row[_plan.I_WR])
+            op.outr = int(row[_plan.I_OUTR])
+            if op.kind == OP_DENSE and op.prec == 1 and (op.xr < 0 or op.wr < 0):
+                raise ValueError(f"op {j}: a bf16 Dense op needs rounded-operand buffers in the layout")
             op.layer = <uint64_t>(int(row[_plan.I_LAYER]) & _MASK64)
             op.keep = float(frow[_plan.F_KEEP])
             op.eps = float(frow[_plan.F_EPS])

@@ -10,3 +10,11 @@ cdef void dense_forward_c(const real* A, const real* W, const real* b, bint has_
 cdef void dense_backward_c(const real* A, const real* W, const real* out, const real* dout, int act,
                            double l2, real* dZ, real* dW, real* db, bint has_db, real* dA, bint has_dA,
                            int m, int n_in, int n_out, int precision) noexcept nogil
+# precision 1 with each operand rounded once per step (docs/spec.md section 13): float32 only
+cdef void round_bf16_c(const float* src, float* dst, Py_ssize_t n) noexcept nogil
+cdef void dense_forward_bf16_c(const float* A, float* Ar, bint round_in, const float* Wr, const float* b,
+                               bint has_b, int act, float* out, float* outr, int m, int n_in,
+                               int n_out) noexcept nogil
+cdef void dense_backward_bf16_c(const float* Ar, const float* W, const float* Wr, const float* out,
+                                float* dout, int act, double l2, float* dZr, float* dW, float* db, bint has_db,
+                                float* dA, bint has_dA, int m, int n_in, int n_out) noexcept nogil
