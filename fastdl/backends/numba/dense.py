@@ -175,6 +175,8 @@ _sgemm_rm = types.ExternalFunction("fastdl_sgemm_rm", _gemm_signature(types.floa
 _dgemm_rm = types.ExternalFunction("fastdl_dgemm_rm", _gemm_signature(types.float64))
 # bf16 GEMM (docs/spec.md section 13): both operands rounded to bfloat16, float32 accumulation
 _bf16gemm_rm = types.ExternalFunction("fastdl_bf16gemm_rm", _gemm_signature(types.float32))
+# the same on operands already rounded by the caller (the epoch executor rounds each operand once per step)
+_bf16gemm_pre_rm = types.ExternalFunction("fastdl_bf16gemm_pre_rm", _gemm_signature(types.float32))
 
 
 @_jit
@@ -241,14 +243,17 @@ def _register_gemm() -> None:
     except ImportError:  # extensions not built
         s, d = _numpy_gemm_standins()
         h = _numpy_bf16_gemm_standin()
+        pre = s   # operands already rounded (bf16gemm_pre_rm's contract): the float32 stand-in
     else:
         from ..blas import rowmajor_addresses
 
         # FASTDL_BLAS=mkl without MKL: ImportError, the backend is unavailable
         s, d, h = rowmajor_addresses()[:3]
+        pre = rowmajor_addresses()[3]
     llvmlite.binding.add_symbol("fastdl_sgemm_rm", s)
     llvmlite.binding.add_symbol("fastdl_dgemm_rm", d)
     llvmlite.binding.add_symbol("fastdl_bf16gemm_rm", h)
+    llvmlite.binding.add_symbol("fastdl_bf16gemm_pre_rm", pre)
 
 
 _register_gemm()
@@ -333,6 +338,74 @@ def dense_backward(A_prev, W, out, dout, act: int, l2_over_m: float, dZ, dW, db,
         raise _bad_act(act)
     _check_precision(precision, dW)
     dense_backward_impl(A_prev, W, out, dout, act, float(l2_over_m), dZ, dW, db, dA_prev, precision)
+
+
+# ------------------------------------------------------------------ bf16 with operands rounded once
+# docs/spec.md section 13: the epoch executor rounds W once per step, a Dense layer's input once (for Z
+# and dW) and dZ once (for dW and dX), then multiplies with _bf16gemm_pre_rm. The numbers are those of
+# dense_forward_impl / dense_backward_impl with precision 1 (tests/test_bf16.py checks the bits).
+
+
+@_jit
+def round_bf16_into(src, dst):
+    """dst = round_bf16(src) on C-contiguous float32 arrays of equal size (may alias; _round_bf16's bits)."""
+    s = src.reshape(src.size).view(np.uint32)
+    d = dst.reshape(dst.size).view(np.uint32)
+    for i in range(s.shape[0]):
+        v = s[i]
+        r = (v + np.uint32(0x7FFF) + ((v >> np.uint32(16)) & np.uint32(1))) & np.uint32(0xFFFF0000)
+        q = (v | np.uint32(0x00400000)) & np.uint32(0xFFFF0000)
+        d[i] = q if (v & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000) else r
+
+
+@_jit
+def _gemm_pre(A, trans_a, B, trans_b, C):
+    """``C = op(A) @ op(B)`` on float32 operands that are already bfloat16 values."""
+    M, N = C.shape
+    K = A.shape[0] if trans_a else A.shape[1]
+    _bf16gemm_pre_rm(_I32(trans_a), _I32(trans_b), _I32(M), _I32(N), _I32(K), np.float32(1.0), A.ctypes.data,
+                     _I32(A.shape[1]), B.ctypes.data, _I32(B.shape[1]), np.float32(0.0), C.ctypes.data, _I32(N))
+
+
+@_jit
+def dense_forward_bf16_impl(A, Ar, round_in, Wr, b, act, out, outr, parallel):
+    """dense_forward_impl(precision=1) with ``Wr`` = round(W) given, ``Ar`` = round(A) (written here when
+    ``round_in``, kept for dW) and round(out) written into ``outr`` (unless it is empty)."""
+    if round_in:
+        round_bf16_into(A, Ar)
+    _gemm_pre(Ar, False, Wr, False, out)
+    m, n = out.shape
+    rpc = rows_per_chunk(m, n)
+    _bias_act(parallel, n_chunks(m, rpc), rpc, out, b, act)
+    if outr.size != 0:
+        round_bf16_into(out, outr)
+
+
+@_jit
+def dense_backward_bf16_impl(Ar, W, Wr, out, dout, act, l2_over_m, dW, db, dA_prev):
+    """dense_backward_impl(precision=1) with the rounded ``Ar``, ``Wr``; dZ is computed into ``dout`` and
+    rounded there after ``db`` has summed it (the one operand of both GEMMs)."""
+    m, n = dout.shape
+    dz = dout.reshape(dout.size)
+    _act_grad_chunk(out.reshape(out.size), dz, act, dz)
+    if db.shape[0] != 0:
+        acc = np.zeros(n, dtype=np.float64)
+        for i in range(m):
+            dzr = dout[i]
+            for j in range(n):
+                acc[j] += dzr[j]
+        for j in range(n):
+            db[j] = acc[j]
+    round_bf16_into(dout, dout)
+    _gemm_pre(Ar, True, dout, False, dW)
+    if l2_over_m != 0.0:
+        lam = dW.dtype.type(l2_over_m)
+        wf = W.reshape(W.size)
+        dwf = dW.reshape(dW.size)
+        for i in range(wf.shape[0]):
+            dwf[i] = dwf[i] + lam * wf[i]
+    if dA_prev.size != 0:
+        _gemm_pre(dout, False, Wr, True, dA_prev)
 
 
 # ---------------------------------------------------------------------------------- activations

@@ -37,6 +37,8 @@ from ._chunks import (T_ACT_CHEAP, T_ACT_TRANS, T_BIAS_ACT, T_BN, T_DROPOUT, T_S
                       parts)
 from .batchnorm import batchnorm_backward_impl, batchnorm_train_impl, bn_backward_scratch_size, bn_train_scratch_size
 from .dense import activation_backward_impl, activation_forward_impl, dense_backward_impl, dense_forward_impl
+from .dense import dense_backward_bf16_impl, dense_forward_bf16_impl, round_bf16_into
+from ...plan import I_OUTR, I_WR, I_XR
 from .dropout import dropout_backward_impl, dropout_forward_impl, key_of, threshold_of
 from .losses import mse_impl, sigmoid_bce_impl, softmax_cross_entropy_impl, weight_sum
 from .optim import all_finite_impl, optimizer_step, sum_squares_impl
@@ -62,7 +64,14 @@ def _forward(X, iprog, fprog, params, state, ws, masks, m, seed, step, thr, empt
             W = params[p0:p0 + nin * nout].reshape((nin, nout))
             b = params[iprog[j, I_P1]:iprog[j, I_P1] + nout] if iprog[j, I_P1] >= 0 else empty1
             act = iprog[j, I_ACT]
-            dense_forward_impl(x, W, b, act, out, act >= TANH and size >= thr[T_BIAS_ACT], iprog[j, I_PREC])
+            if iprog[j, I_PREC] == 1:   # bf16, each operand rounded once (docs/spec.md section 13)
+                Wr = _view2(ws, iprog[j, I_WR], nin, nout)
+                round_bf16_into(W, Wr)      # W once per step
+                outr = _view2(ws, iprog[j, I_OUTR], m, nout) if iprog[j, I_OUTR] >= 0 else ws[:0].reshape((0, 0))
+                dense_forward_bf16_impl(x, _view2(ws, iprog[j, I_XR], m, nin), j == 0 or iprog[j - 1, I_OUTR] < 0,
+                                        Wr, b, act, out, outr, act >= TANH and size >= thr[T_BIAS_ACT])
+            else:
+                dense_forward_impl(x, W, b, act, out, act >= TANH and size >= thr[T_BIAS_ACT], iprog[j, I_PREC])
         elif kind == OP_BATCHNORM:
             p0 = iprog[j, I_P0]
             s0 = iprog[j, I_S0]
@@ -100,7 +109,11 @@ def _backward(X, iprog, fprog, params, grads, ws, masks, m, dlogits, l2_over_m, 
             W = params[p0:p0 + nin * nout].reshape((nin, nout))
             dW = grads[p0:p0 + nin * nout].reshape((nin, nout))
             db = grads[iprog[j, I_P1]:iprog[j, I_P1] + nout] if iprog[j, I_P1] >= 0 else empty1
-            dense_backward_impl(x, W, out, dout, iprog[j, I_ACT], l2_over_m, dout, dW, db, dx, iprog[j, I_PREC])
+            if iprog[j, I_PREC] == 1:   # round_bf16(dZ) in place in dout: the operand of both GEMMs
+                dense_backward_bf16_impl(_view2(ws, iprog[j, I_XR], m, nin), W, _view2(ws, iprog[j, I_WR], nin, nout),
+                                         out, dout, iprog[j, I_ACT], l2_over_m, dW, db, dx)
+            else:
+                dense_backward_impl(x, W, out, dout, iprog[j, I_ACT], l2_over_m, dout, dW, db, dx, iprog[j, I_PREC])
         elif kind == OP_BATCHNORM:
             p0 = iprog[j, I_P0]
             batchnorm_backward_impl(x, params[p0:p0 + nout], ws[iprog[j, I_MEAN]:iprog[j, I_MEAN] + nout],
