@@ -1,6 +1,7 @@
 """The ceiling of a bf16 training step: its GEMMs at the rate MKL reaches, plus the optimiser (issue 13).
 
     python benchmarks/bf16_ceiling.py [--threads 2] [--repeats 15] [--shapes L,M] [--torch] [--out FILE]
+    FASTDL_BLAS=mkl python benchmarks/bf16_ceiling.py ...     # also MKL's bf16 GEMM (and MKL's sgemm as fp32)
 
 A training step cannot be faster than the sum of its GEMMs plus the optimiser's pass over the
 parameters. For each shape this times, one by one, every GEMM of a step (per Dense layer: the forward
@@ -8,20 +9,24 @@ parameters. For each shape this times, one by one, every GEMM of a step (per Den
 ``dX = dZ W^T``), and one Adam step on a parameter vector of the model's size (its memory traffic:
 read p, g, v, s; write p, v, s), and prints the ceiling in samples/s for:
 
-* ``fp32``: fastdl's ``sgemm_rm`` (kernels/_blas.pyx: MKL's sgemm, its JIT kernels for small products;
-  the float32 GEMM every fp32 step uses);
-* ``bf16 entry``: fastdl's one bf16 entry point (``bf16gemm_rm``, as the kernels call it) with MKL's
-  ``cblas_gemm_bf16bf16f32`` enabled: it uses it for products above ``JIT_MNK`` multiply-adds and the
-  rounding fallback below (MKL's per-call floor); this includes rounding/packing both float32
-  operands into scratch, which every bf16 step pays;
-* ``bf16 MKL only``: ``cblas_gemm_bf16bf16f32`` on operands packed beforehand (the hardware rate MKL
-  reaches: the bound if activations and weights were already stored in bf16);
+* ``fp32``: fastdl's ``sgemm_rm`` (kernels/_blas.pyx: the BLAS fastdl picked, ``FASTDL_BLAS``; with MKL
+  its JIT kernels for small products; the float32 GEMM every fp32 step uses);
+* ``bf16 auto``: fastdl's one bf16 entry point (``bf16gemm_rm``, as the kernels call it) routed as
+  ``FASTDL_BF16_GEMM=auto`` routes it on this CPU (``fastdl.backends.info()['bf16_gemm']``); this
+  includes rounding/packing both float32 operands, which every bf16 step pays;
+* ``bf16 fastdl kernel``: the same entry point with fastdl's AVX512-BF16 kernel for every product
+  (kernels/fastdl_bf16gemm.h; only on CPUs with AVX512_BF16), packing included;
+* ``bf16 MKL entry`` (with MKL): the entry point with MKL's ``cblas_gemm_bf16bf16f32`` enabled: it uses it
+  for products above ``JIT_MNK`` multiply-adds and the rounding fallback below (MKL's per-call floor);
+* ``bf16 MKL only`` (with MKL): ``cblas_gemm_bf16bf16f32`` on operands packed beforehand (the hardware
+  rate MKL reaches: the bound if activations and weights were already stored in bf16);
 * ``bf16 fallback``: the same entry point routed to the rounding fallback (round + ``sgemm``);
 * with ``--torch``: PyTorch's bf16 ``torch.mm`` on bf16 tensors (oneDNN), for the rate another library
   reaches on this CPU's bf16 unit (PyTorch is never a dependency of fastdl; optional here).
 
 Medians of ``--repeats`` timed calls after a warm-up; the CPU model and its bf16 flags are printed
-with the figures. Needs MKL (``pip install 'fastdl[mkl]'``) and the built kernels.
+with the figures. Needs the built kernels; MKL (``pip install 'fastdl[mkl]'``, ``FASTDL_BLAS=mkl``) for the
+MKL columns.
 """
 from __future__ import annotations
 
@@ -108,7 +113,7 @@ def to_f32(x: np.ndarray) -> np.ndarray:
     return (to_bf16_bits(x).astype(np.uint32) << 16).view(np.float32)
 
 
-def measure(shape: str, repeats: int, lib, _blas, native_address: int, torch=None) -> dict:
+def measure(shape: str, repeats: int, lib, _blas, native_address: int, auto_route: tuple, torch=None) -> dict:
     widths, batch = SHAPES[shape]
     rng = np.random.default_rng(0)
     # fastdl's own row-major entry points (what the training steps call), through one calling convention
@@ -118,6 +123,7 @@ def measure(shape: str, repeats: int, lib, _blas, native_address: int, torch=Non
     if bgemm is not None:
         bgemm.restype = None
         set_local = lib.MKL_Set_Num_Threads_Local
+    kernel = _blas.bf16_kernel_available()
     rows = []
     for label, ta, tb, M, N, K in step_gemms(widths, batch):
         A = rng.standard_normal((K, M) if ta else (M, K)).astype(np.float32)
@@ -129,10 +135,16 @@ def measure(shape: str, repeats: int, lib, _blas, native_address: int, torch=Non
         def call(f):
             return lambda: f(ta, tb, M, N, K, 1.0, pa, lda, pb, ldb, 0.0, pc, N)
 
-        def route(address):
-            return lambda: _blas.set_bf16_gemm(address)
+        def route(address, mode):
+            def set_route() -> None:
+                _blas.set_bf16_gemm(address)
+                _blas.set_bf16_kernel(mode)
+            return set_route
 
-        fns = {"fp32": (call(sgemm_rm), lambda: None), "fallback": (call(bf16gemm_rm), route(0))}
+        fns = {"fp32": (call(sgemm_rm), lambda: None), "auto": (call(bf16gemm_rm), route(*auto_route)),
+               "fallback": (call(bf16gemm_rm), route(0, 0))}
+        if kernel:
+            fns["kernel"] = (call(bf16gemm_rm), route(0, 2))
         if native_address:
             Ab, Bb = to_bf16_bits(A), to_bf16_bits(B)
             serial = M * N * K <= SERIAL_MNK   # as bf16gemm_rm does: small products on one thread
@@ -146,17 +158,24 @@ def measure(shape: str, repeats: int, lib, _blas, native_address: int, torch=Non
                 if serial:
                     set_local(prev)
 
-            fns["entry"] = (call(bf16gemm_rm), route(native_address))
+            fns["entry"] = (call(bf16gemm_rm), route(native_address, 0))
             fns["mkl"] = (mkl_only, lambda: None)
         if torch is not None:
             ta_, tb_ = (torch.from_numpy(to_f32(X)).to(torch.bfloat16) for X in (A, B))
             ta_, tb_ = (ta_.t() if ta else ta_), (tb_.t() if tb else tb_)
             fns["torch"] = (lambda: torch.mm(ta_, tb_), lambda: None)
-        row = {"gemm": label, "flop": 2.0 * M * N * K, **median_times(fns, repeats)}
+        row = {"gemm": label, "flop": 2.0 * M * N * K}
         # every implementation computed the same product: guard against timing a wrong call
         ref = (to_f32(A).T if ta else to_f32(A)).astype(np.float64) @ (to_f32(B).T if tb else to_f32(B))
-        if not np.allclose(C, ref, rtol=1e-4, atol=1e-3 * np.sqrt(K)):
-            raise AssertionError(f"{shape} {label}: the bf16 GEMM result is wrong")
+        for name, (fn, setup) in fns.items():
+            if name in ("fp32", "torch"):
+                continue
+            setup()
+            C[...] = np.nan
+            fn()
+            if not np.allclose(C, ref, rtol=1e-4, atol=1e-3 * np.sqrt(K)):
+                raise AssertionError(f"{shape} {label}: the bf16 GEMM result of {name!r} is wrong")
+        row.update(median_times(fns, repeats))
         rows.append(row)
     # the optimiser's memory traffic: one Adam step over every parameter (float32, as in every precision)
     n_params = sum(a * b + b for a, b in zip(widths[:-1], widths[1:]))
@@ -168,30 +187,33 @@ def measure(shape: str, repeats: int, lib, _blas, native_address: int, torch=Non
     return {"shape": shape, "widths": widths, "batch": batch, "rows": rows, "adam": t_adam, "n_params": n_params}
 
 
-def report(res: dict, native: bool) -> list[str]:
-    cols = ["fp32", "entry", "mkl", "fallback"] if native else ["fp32", "fallback"]
-    cols += ["torch"] if "torch" in res["rows"][0] else []
-    names = {"fp32": "fp32 sgemm", "entry": "bf16 entry (MKL enabled)", "mkl": "bf16 MKL only",
-             "fallback": "bf16 fallback", "torch": "torch bf16 mm"}
+NAMES = {"fp32": "fp32 sgemm", "auto": "bf16 auto", "kernel": "bf16 fastdl kernel", "entry": "bf16 MKL entry",
+         "mkl": "bf16 MKL only", "fallback": "bf16 fallback", "torch": "torch bf16 mm"}
+
+
+def report(res: dict) -> list[str]:
+    cols = [c for c in NAMES if c in res["rows"][0]]
     b = res["batch"]
     out = [f"### {res['shape']}: {'-'.join(map(str, res['widths']))}, batch {b}, {res['n_params']:,} parameters", "",
-           "| GEMM (row-major M x K @ K x N) | " + " | ".join(f"{names[c]} ms (GFLOP/s)" for c in cols) + " |",
+           "| GEMM (row-major M x K @ K x N) | " + " | ".join(f"{NAMES[c]} ms (GFLOP/s)" for c in cols) + " |",
            "|---|" + "---:|" * len(cols)]
     for r in res["rows"]:
         out.append(f"| {r['gemm']} | " + " | ".join(f"{r[c] * 1e3:.3f} ({r['flop'] / r[c] / 1e9:.0f})" for c in cols)
                    + " |")
     sums = {c: sum(r[c] for r in res["rows"]) for c in cols}
-    out.append("| **sum of GEMMs** | " + " | ".join(f"**{sums[c] * 1e3:.3f}**" for c in cols) + " |")
+    flop = sum(r["flop"] for r in res["rows"])
+    out.append("| **sum of GEMMs** ms (GFLOP/s) | " + " | ".join(f"**{sums[c] * 1e3:.3f}** ({flop / sums[c] / 1e9:.0f})"
+                                                                for c in cols) + " |")
     out.append(f"| Adam step ({res['n_params']:,} float32) | " + " | ".join(f"{res['adam'] * 1e3:.3f}" for _ in cols)
                + " |")
     out.append("| **ceiling, samples/s** | " + " | ".join(f"**{b / (sums[c] + res['adam']):,.0f}**" for c in cols)
                + " |")
-    if native:
-        f32 = sums["fp32"] + res["adam"]
-        e = sums["entry"] + res["adam"]
-        out += ["", f"bf16 ceiling / fp32 ceiling: entry with MKL's bf16 GEMM {f32 / e:.2f}x,"
-                f" rounding fallback {f32 / (sums['fallback'] + res['adam']):.2f}x, MKL on operands already in bf16 "
-                f"{f32 / (sums['mkl'] + res['adam']):.2f}x"]
+    f32 = sums["fp32"] + res["adam"]
+    ratios = ", ".join(f"{NAMES[c]} {f32 / (sums[c] + res['adam']):.2f}x" for c in cols if c not in ("fp32", "torch"))
+    out += ["", f"ceiling / fp32 ceiling: {ratios}"]
+    if "torch" in sums:
+        out[-1] += "; sum of GEMMs, torch bf16 mm / " + ", ".join(
+            f"{NAMES[c]}: {sums['torch'] / sums[c]:.2f}x" for c in cols if c not in ("fp32", "torch"))
     return out
 
 
@@ -206,16 +228,18 @@ def main() -> None:
     from fastdl._kernels import _blas
     from fastdl.backends import blas
 
-    if blas.select() != "mkl":
-        raise SystemExit("bf16_ceiling.py needs MKL (pip install 'fastdl[mkl]'): " + blas.info()["why"])
-    lib = blas._state["mkl_lib"]
-    native_address = int(blas._state.get("mkl_bf16") or 0)
-    routed_before = _blas.bf16_gemm_routed()
+    provider = blas.select()
+    lib = blas._state.get("mkl_lib") if provider == "mkl" else None
+    native_address = int(blas._state.get("mkl_bf16") or 0) if provider == "mkl" else 0
+    auto_route = (native_address if _blas.bf16_gemm_routed() else 0, _blas.bf16_kernel_mode())
     bi = blas.info()
-    lines = [f"CPU: {cpu_report()}", f"MKL: {bi['library']}; threads: {args.threads}; bf16 GEMMs in training: "
-             f"{bi['bf16_gemm']} (unit: {bi['bf16_unit']}); medians of {args.repeats} calls", ""]
-    if not native_address:
-        lines += ["This MKL has no cblas_gemm_bf16bf16f32: only the fallback is timed.", ""]
+    lines = [f"CPU: {cpu_report()}", f"BLAS: {bi['provider']} ({bi['library']}); threads: {args.threads}; "
+             f"bf16 GEMMs in training (auto): {bi['bf16_gemm']} (unit: {bi['bf16_unit']}); medians of "
+             f"{args.repeats} calls, interleaved", ""]
+    if provider != "mkl":
+        lines += ["MKL's bf16 GEMM not timed (FASTDL_BLAS=mkl with the mkl package installed adds it).", ""]
+    elif not native_address:
+        lines += ["This MKL has no cblas_gemm_bf16bf16f32.", ""]
     torch = None
     if args.torch:
         import torch
@@ -225,10 +249,11 @@ def main() -> None:
     try:
         with fd.backends.use("auto", threads=args.threads):
             for shape in args.shapes.split(","):
-                lines += report(measure(shape.strip(), args.repeats, lib, _blas, native_address, torch),
-                                bool(native_address)) + [""]
+                lines += report(measure(shape.strip(), args.repeats, lib, _blas, native_address, auto_route,
+                                        torch)) + [""]
     finally:
-        _blas.set_bf16_gemm(native_address if routed_before else 0)
+        _blas.set_bf16_gemm(auto_route[0])
+        _blas.set_bf16_kernel(auto_route[1])
     text = "\n".join(lines)
     print(text)
     if args.out:

@@ -235,11 +235,16 @@ FDL_BF16K_TARGET static int fdl_bf16k_gemm_impl(int ta, int tb, int M, int N, in
     if (nb < 1) nb = 1;
     if (mb > nmp) mb = nmp;
     if (nb > nnp) nb = nnp;
-    const int gm = (nmp + mb - 1) / mb, gn = (nnp + nb - 1) / nb;
-    const int nblocks = gm * gn;
     int nt = nthreads < 1 ? 1 : nthreads;
     /* Below ~2^21 multiply-adds a second thread costs more (fork/join, packing split) than it saves. */
     if ((double)M * N * K < 2097152.0) nt = 1;
+    /* at least ~4 blocks per thread, so that the last blocks (and a paused thread) do not leave others idle */
+    while (nt > 1 && ((nmp + mb - 1) / mb) * ((nnp + nb - 1) / nb) < 4 * nt && (mb > 1 || nb > 1)) {
+        if (mb >= nb) mb = (mb + 1) / 2; else nb = (nb + 1) / 2;
+        if (mb == 1 && nb == 1) break;
+    }
+    const int gm = (nmp + mb - 1) / mb, gn = (nnp + nb - 1) / nb;
+    const int nblocks = gm * gn;
     if (nt > nblocks + nmp) nt = nblocks + nmp;
 #if defined(_OPENMP)
 #pragma omp parallel num_threads(nt)

@@ -312,3 +312,24 @@ def test_empty_k_scales_c_by_beta():
     _blas.gemm_bf16(np.empty((2, 0), np.float32), np.empty((0, 3), np.float32), C)
     assert np.all(C == 0.0)
 
+
+
+@needs_kernel
+@pytest.mark.parametrize("backend", ["cython", "numba"])
+def test_compiled_backends_run_the_kernel(kernel, backend):
+    """Both compiled backends reach the kernel through bf16gemm_rm's address (Numba registers it as a symbol):
+    a product of 1e-20 * 1e-20 is flushed to 0 by vdpbf16ps only, so the output shows which GEMM ran."""
+    import fastdl as fd
+
+    try:
+        K = fd.get_backend(backend)
+    except (ImportError, ValueError) as exc:
+        pytest.skip(f"backend {backend!r} unavailable: {exc}")
+    m, n_in, n_out = 40, 300, 50        # 600,000 multiply-adds: above the auto threshold too
+    A = np.full((m, n_in), 1e-20, np.float32)
+    W = np.full((n_in, n_out), 1e-20, np.float32)
+    out = np.empty((m, n_out), np.float32)
+    for mode, flushed in ((2, True), (0, False), (1, True)):
+        _blas.set_bf16_kernel(mode)
+        K.dense_forward(A, W, np.zeros(n_out, np.float32), 0, out, 1)
+        assert np.all(out == 0) == flushed, (backend, mode, out[0, 0])
