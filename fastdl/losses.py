@@ -114,16 +114,48 @@ class MeanSquaredError(Loss):
         return Z.copy()
 
 
+class Poisson(Loss):
+    """Poisson regression with the log link: the prediction is ``exp(z)`` (a rate), targets are counts.
+
+    The loss of one output is the half Poisson deviance
+    ``exp(z) - y*z + (xlogy(y, y) - y)``, >= 0 and 0 at ``exp(z) = y``
+    (scikit-learn's ``MLPRegressor(loss='poisson')``'s ``loss_``; PyTorch's
+    ``PoissonNLLLoss(log_input=True)`` and Keras' ``Poisson`` leave out the
+    constant ``xlogy(y, y) - y``, which has no gradient). A row's loss is the
+    sum over its ``k`` outputs; ``dZ = (exp(z) - y) / m``. Targets must be
+    finite and ``>= 0``.
+    """
+
+    name = "poisson"
+    kernel = "poisson"
+    classifier = False
+
+    def prepare_targets(self, y, m, n_out, dtype):
+        Y = V.as_regression_targets(y, m, n_out, dtype)
+        neg = Y < 0
+        if neg.any():
+            raise ValueError("y must be >= 0 for loss='poisson' (counts or rates; the prediction exp(z) is "
+                             f"positive); found {int(neg.sum())} negative value(s) such as "
+                             f"{Y[neg][:3].tolist()}")
+        return Y
+
+    def predict_from_outputs(self, Z):
+        # the rate exp(z); an overflow to inf is the honest answer for z > log(max float)
+        with np.errstate(over="ignore"):
+            return np.exp(Z)
+
+
 LOSSES: dict[str, type[Loss]] = {
     "softmax_cross_entropy": SoftmaxCrossEntropy,
     "binary_cross_entropy": BinaryCrossEntropy,
     "sigmoid_bce": BinaryCrossEntropy,
     "mse": MeanSquaredError,
+    "poisson": Poisson,
 }
 
 
 def get_loss(name: str) -> Loss:
-    """Loss object for ``name`` ('softmax_cross_entropy', 'binary_cross_entropy', 'mse')."""
+    """Loss object for ``name`` ('softmax_cross_entropy', 'binary_cross_entropy', 'mse', 'poisson')."""
     if isinstance(name, Loss):
         return name
     V.check_choice("loss", name, LOSSES)

@@ -47,8 +47,10 @@ class Sequential:
     layers : list of Layer
         ``Dense``, ``BatchNorm``, ``ReLU``/``Tanh``/``Sigmoid``/``Identity``,
         ``Dropout``. An activation right after a ``Dense`` is fused into it.
-    loss : {'softmax_cross_entropy', 'binary_cross_entropy', 'mse'}
-        Applied to the last layer's raw outputs (logits for cross-entropies).
+    loss : {'softmax_cross_entropy', 'binary_cross_entropy', 'mse', 'poisson'}
+        Applied to the last layer's raw outputs (logits for cross-entropies;
+        the log rate for ``'poisson'``, whose ``predict`` is ``exp(z)``,
+        targets ``>= 0``, docs/spec.md "Activations and losses").
     l2 : float
         ``lambda`` of the L2 penalty on Dense weights (docs/spec.md "Cost and L2"):
         ``J = mean loss + lambda/(2m) * sum ||W||^2``.

@@ -19,7 +19,8 @@ features; otherwise ``input`` takes what ``predict`` takes. Outputs: ``logits`` 
 ``probabilities`` (``Softmax`` for softmax cross-entropy, ``(batch, 2)``
 ``[1 - p, p]`` for binary cross-entropy with one output, ``(batch, k)``
 sigmoids for k labels: like ``predict_proba``); an MSE model has the single
-output ``outputs``. Weights are float32 whatever
+output ``outputs``, a Poisson model the single output ``outputs = Exp(raw
+output)`` (the rate ``predict`` returns). Weights are float32 whatever
 dtype or precision the model trained in.
 
 Usage::
@@ -186,6 +187,9 @@ def to_model_proto(model: Any, *, opset: int = DEFAULT_OPSET, fold_batchnorm: bo
     f32 = TensorProto.FLOAT
     if loss == "mse":
         nodes.append(helper.make_node("Identity", [x], ["outputs"], name="outputs"))
+        outputs = [helper.make_tensor_value_info("outputs", f32, ["batch", n_out])]
+    elif loss == "poisson":  # log link: the raw output is the log rate, predict is exp
+        nodes.append(helper.make_node("Exp", [x], ["outputs"], name="rate"))
         outputs = [helper.make_tensor_value_info("outputs", f32, ["batch", n_out])]
     else:
         nodes.append(helper.make_node("Identity", [x], ["logits"], name="logits"))

@@ -79,9 +79,11 @@ F_MOMENTUM = 2  # BatchNorm momentum (running = momentum*running + (1-momentum)*
 N_FCOLS = 3
 
 # ---------------------------------------------------------------- losses
-LOSS_SOFTMAX_CE, LOSS_SIGMOID_BCE, LOSS_MSE = 0, 1, 2
+LOSS_SOFTMAX_CE, LOSS_SIGMOID_BCE, LOSS_MSE, LOSS_POISSON = 0, 1, 2, 3
 LOSS_CODES = {"softmax_cross_entropy": LOSS_SOFTMAX_CE, "binary_cross_entropy": LOSS_SIGMOID_BCE,
-              "mse": LOSS_MSE}
+              "mse": LOSS_MSE, "poisson": LOSS_POISSON}
+#: regression losses (no classification error); targets (m, k) floats of the model's dtype
+REGRESSION_LOSSES = (LOSS_MSE, LOSS_POISSON)
 
 # ---------------------------------------------------------------- precision
 PRECISION_FP32, PRECISION_BF16 = 0, 1
@@ -99,7 +101,8 @@ N_H = 3
 L2_BATCH, L2_DATASET = 0, 1
 
 #: the loss kernel of the contract that each LOSS_* code runs
-LOSS_KERNELS = {LOSS_SOFTMAX_CE: "softmax_cross_entropy", LOSS_SIGMOID_BCE: "sigmoid_bce", LOSS_MSE: "mse"}
+LOSS_KERNELS = {LOSS_SOFTMAX_CE: "softmax_cross_entropy", LOSS_SIGMOID_BCE: "sigmoid_bce", LOSS_MSE: "mse",
+                LOSS_POISSON: "poisson"}
 MAX_CACHED_LAYOUTS = 16
 
 
@@ -210,7 +213,7 @@ class Plan:
 
     @property
     def classifier(self) -> bool:
-        return self.loss != LOSS_MSE
+        return self.loss not in REGRESSION_LOSSES
 
     def l2_m(self, batch_rows: float, n_total: int) -> float:
         """The ``m`` of ``lambda/(2m)``: the batch's rows (or summed weights), or the training-set size."""

@@ -63,6 +63,7 @@ __all__ = ["MLPClassifier", "MLPRegressor", "NoImprovementStopping"]
 
 ACTIVATIONS = {"identity": Identity, "logistic": Sigmoid, "tanh": Tanh, "relu": ReLU}
 SOLVERS = ("lbfgs", "sgd", "adam", "rmsprop")
+LOSSES = {"squared_error": "mse", "poisson": "poisson"}   # MLPRegressor's loss -> fastdl's loss
 LEARNING_RATES = ("constant", "invscaling", "adaptive")
 NONFINITE_MSG = ("Solver produced non-finite parameter weights. The input data may contain large values and "
                  "need to be preprocessed.")
@@ -1099,9 +1100,12 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
 class MLPRegressor(RegressorMixin, _BaseMLP):
     """Multi-layer perceptron regressor: scikit-learn's ``MLPRegressor``, trained by fastdl.
 
-    Squared error (``½‖ŷ - y‖²``), single or multiple outputs; identity output.
-    ``loss='poisson'`` (scikit-learn >= 1.7) is not available: fastdl has no
-    Poisson loss kernel.
+    ``loss='squared_error'`` (default): ``½‖ŷ - y‖²``, identity output.
+    ``loss='poisson'`` (scikit-learn >= 1.7): the half Poisson deviance with
+    a log link, ``out_activation_ = 'exp'`` (``predict`` returns
+    ``exp(z)``); targets must be ``>= 0``. ``loss_`` is scikit-learn's
+    (``poisson_loss``, including its constant ``xlogy(y, y) - y``).
+    Single or multiple outputs.
     """
 
     __doc__ += _COMMON_DOC
@@ -1142,18 +1146,16 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
         self.precision = precision
 
     def _validate_hyperparameters(self):
-        if self.loss != "squared_error":
-            if self.loss == "poisson":
-                raise ValueError("loss='poisson' is not supported by fastdl.sklearn.MLPRegressor (fastdl has no "
-                                 "Poisson loss); use loss='squared_error'")
-            raise ValueError(f"The 'loss' parameter of MLPRegressor must be 'squared_error', got {self.loss!r}.")
+        if not isinstance(self.loss, str) or self.loss not in LOSSES:
+            raise ValueError(f"The 'loss' parameter of {type(self).__name__} must be a str among "
+                             f"{sorted(LOSSES)}. Got {self.loss!r} instead.")
         return super()._validate_hyperparameters()
 
     def _fd_loss(self, n_out: int) -> str:
-        return "mse"
+        return LOSSES[self.loss]
 
     def _out_activation(self) -> str:
-        return "identity"
+        return "exp" if self.loss == "poisson" else "identity"
 
     def _targets(self, Y: np.ndarray) -> np.ndarray:
         dtype = self.model_.dtype if hasattr(self, "model_") else np.float64
@@ -1167,8 +1169,12 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
                              dtype=(np.float64, np.float32), reset=reset)
         if y.ndim == 2 and y.shape[1] == 1:
             y = column_or_1d(y, warn=True)
+        if self.loss == "poisson" and (y < 0).any():
+            # scikit-learn's GLMs' message (its MLP would train on NaN losses); the log link needs y >= 0
+            raise ValueError(f"Some value(s) of y are out of the valid range of the loss 'poisson': y must be "
+                             f">= 0, got {int(np.count_nonzero(y < 0))} negative value(s).")
         if not hasattr(self, "out_activation_") or reset:
-            self.out_activation_ = "identity"
+            self.out_activation_ = self._out_activation()
         return X, y
 
     def fit(self, X, y, sample_weight=None):
@@ -1190,6 +1196,9 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
                 self._model_from_attributes()
             X = validate_data(self, X, accept_sparse=["csr", "csc"], dtype=(np.float64, np.float32), reset=False)
         y_pred = self._forward(X)
+        if self.out_activation_ == "exp":   # loss='poisson': the log link's rate
+            with np.errstate(over="ignore"):
+                np.exp(y_pred, out=y_pred)
         return y_pred.ravel() if y_pred.shape[1] == 1 else y_pred
 
     def predict(self, X):
@@ -1201,6 +1210,11 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
         if not np.isfinite(y_pred).all():
             return np.nan
         return r2_score(y, y_pred, sample_weight=sample_weight)
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.target_tags.positive_only = self.loss == "poisson"
+        return tags
 
 
 # scikit-learn's convention: no partial_fit attribute when solver='lbfgs' (hasattr(est, "partial_fit") is False)

@@ -8,7 +8,7 @@ it never sees a model, layer or optimiser object. For every mini-batch of
 ``perm`` it runs, without the GIL and without allocating:
 
 gather rows -> forward (Dense + fused activation, BatchNorm (train),
-activation, dropout) -> loss and dZ (softmax CE / sigmoid BCE / MSE, optional
+activation, dropout) -> loss and dZ (softmax CE / sigmoid BCE / MSE / Poisson, optional
 per-example weights) -> backward -> L2 term -> error count -> finite check ->
 optimiser step (per-step c1/c2).
 
@@ -31,7 +31,7 @@ from fastdl._kernels._batchnorm cimport bn_backward_c, bn_forward_train_c, bn_wo
 from fastdl._kernels._dense cimport (activation_backward_c, activation_forward_c, dense_backward_bf16_c,
                                     dense_backward_c, dense_forward_bf16_c, dense_forward_c, round_bf16_c)
 from fastdl._kernels._dropout cimport dropout_backward_c, dropout_forward_c, dropout_key_c
-from fastdl._kernels._losses cimport bce_c, loss_buffer_size, mse_c, sce_c, seq_sum
+from fastdl._kernels._losses cimport bce_c, loss_buffer_size, mse_c, poisson_c, sce_c, seq_sum
 from fastdl._kernels._optim cimport any_nonfinite_c, opt_step_c, opt_step_ssq_c, ssq_partials, sum_squares_c
 
 import numpy as np
@@ -49,6 +49,7 @@ cdef int OP_DROPOUT = _plan.OP_DROPOUT
 cdef int LOSS_SOFTMAX_CE = _plan.LOSS_SOFTMAX_CE
 cdef int LOSS_SIGMOID_BCE = _plan.LOSS_SIGMOID_BCE
 cdef int LOSS_MSE = _plan.LOSS_MSE
+cdef int LOSS_POISSON = _plan.LOSS_POISSON
 
 _MASK64 = 0xFFFFFFFFFFFFFFFF
 
@@ -268,6 +269,8 @@ cdef void run_epoch_c(Run* r, real* typed) noexcept nogil:
             loss = sce_c(logits, ybi, dlog, True, m, k, wp, sw, r.rowbuf, <real*>NULL, max_nt)
         elif r.loss == LOSS_SIGMOID_BCE:
             loss = bce_c(logits, <const real*>ybf, dlog, True, m, k, wp, sw, r.rowbuf)
+        elif r.loss == LOSS_POISSON:
+            loss = poisson_c(logits, <const real*>ybf, dlog, True, m, k, wp, sw, r.rowbuf)
         else:
             loss = mse_c(logits, <const real*>ybf, dlog, True, m, k, wp, sw, r.rowbuf)
         # the L2 term's m: the training-set size, the batch's summed weights, or its rows
@@ -350,7 +353,7 @@ cdef class CythonEpochExecutor:
         dt = np.dtype(plan.dtype)
         if dt != np.float32 and dt != np.float64:
             raise ValueError(f"the Cython epoch executor runs float32 or float64 plans, not {dt}")
-        if plan.loss not in (LOSS_SOFTMAX_CE, LOSS_SIGMOID_BCE, LOSS_MSE):
+        if plan.loss not in (LOSS_SOFTMAX_CE, LOSS_SIGMOID_BCE, LOSS_MSE, LOSS_POISSON):
             raise ValueError(f"unknown loss code {plan.loss} in the plan")
         if opt_spec.kind not in (_plan.OPT_SGD, _plan.OPT_MOMENTUM, _plan.OPT_RMSPROP, _plan.OPT_ADAM,
                                  _plan.OPT_CLASSICAL_MOMENTUM, _plan.OPT_NESTEROV):

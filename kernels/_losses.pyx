@@ -12,6 +12,7 @@
 * sigmoid-BCE: float32 in float32 arithmetic with the vectorised exp and
   log1p; float64 with libm.
 * MSE: squared differences summed in float64 over fixed blocks of elements.
+* Poisson (log link): per element in float64 (libm exp / log), per-row sums.
 
 Per-row losses / per-block partials go to a float64 buffer summed in a fixed
 order, so results do not depend on the number of threads. Rows / blocks run
@@ -231,6 +232,32 @@ cdef tc_void mse_rows_w(const real* Yh, const real2* Y, real* dZ, bint grad, Py_
         row_loss[i] = w[i] * acc
 
 
+cdef tc_void poisson_rows(const real* Z, const real2* Y, real* dZ, bint grad, Py_ssize_t r0, Py_ssize_t r1,
+                          Py_ssize_t k, double m, const double* w, double sw, double* row_loss) noexcept nogil:
+    """Rows [r0, r1): per row the sum over its k outputs of the half Poisson deviance (log link)
+    ``(exp(z) - y*z) + (xlogy(y, y) - y)``, and ``dZ = (exp(z) - y) / m`` (weighted: ``* w_i/sw``).
+
+    float64 per element whatever the dtype (libm exp and log; exp overflows to inf, which the
+    callers' divergence checks catch). Weighted (``w`` not NULL): row i's loss times w_i.
+    """
+    cdef Py_ssize_t i, e
+    cdef double zd, td, mu, acc, f
+    for i in range(r0, r1):
+        acc = 0.0
+        f = w[i] / sw if w != NULL else 0.0
+        for e in range(i * k, i * k + k):
+            zd = Z[e]
+            td = Y[e]
+            mu = exp(zd)
+            acc += (mu - td * zd) + ((td * log(td) if td > 0.0 else 0.0) - td)
+            if grad:
+                if w == NULL:
+                    dZ[e] = <real>((mu - td) / m)
+                else:
+                    dZ[e] = <real>((mu - td) * f)
+        row_loss[i] = w[i] * acc if w != NULL else acc
+
+
 # ------------------------------------------------------------------ drivers
 
 cdef inline double ordered_sum(const double* x, Py_ssize_t n) noexcept nogil:
@@ -314,6 +341,24 @@ cdef double bce_c(const real* Z, const real2* y, real* dZ, bint grad, Py_ssize_t
         for c in prange(nt, num_threads=nt, schedule='static'):
             if c * per < m:
                 bce_rows(Z, y, dZ, grad, c * per, min(m, (c + 1) * per), k, <double>m, w, sw, row_loss)
+    if w != NULL:
+        return ordered_sum(row_loss, m) / sw
+    return ordered_sum(row_loss, m) / m
+
+
+cdef double poisson_c(const real* Z, const real2* Y, real* dZ, bint grad, Py_ssize_t m, Py_ssize_t k,
+                      const double* w, double sw, double* row_loss) noexcept nogil:
+    cdef int nt = row_threads(m, m * k, GRAIN_ROWS)
+    cdef Py_ssize_t per, c
+    if w != NULL and sw == 0.0:
+        return zero_weights(dZ, grad, m * k)
+    if nt <= 1:
+        poisson_rows(Z, Y, dZ, grad, 0, m, k, <double>m, w, sw, row_loss)
+    else:
+        per = (m + nt - 1) // nt
+        for c in prange(nt, num_threads=nt, schedule='static'):
+            if c * per < m:
+                poisson_rows(Z, Y, dZ, grad, c * per, min(m, (c + 1) * per), k, <double>m, w, sw, row_loss)
     if w != NULL:
         return ordered_sum(row_loss, m) / sw
     return ordered_sum(row_loss, m) / m
@@ -526,5 +571,47 @@ def mse(Yhat, Y, dZ, w=None):
             else:
                 loss = mse_c(<double*>data(Yhat), <double*>data(Y), <double*>data(dZ) if grad else NULL, grad, m, k,
                              wp, sw, buf)
+    free(buf)
+    return loss
+
+
+def poisson(Z, Y, dZ, w=None):
+    """Mean over rows of the per-row SUM over the k outputs of the half Poisson deviance (log link)
+    ``exp(z) - y*z + xlogy(y, y) - y``; ``dZ = (exp(Z) - Y) / m`` unless ``dZ`` is empty.
+
+    ``Z`` (m, k), ``Y`` (m, k) finite and >= 0 (checked by the validated entry point). Weights ``w``
+    as in :func:`softmax_cross_entropy`.
+    """
+    cdef int t = rtype(Z, 2)
+    cdef int ty = rtype(Y, 2)
+    cdef Py_ssize_t m = 0, k = 0
+    cdef bint grad
+    cdef double* buf
+    cdef double loss, sw = 0.0
+    cdef double* wp
+    if is_float(t):
+        m = dim(Z, 0)
+        k = dim(Z, 1)
+    grad = not is_empty(dZ)
+    if not (is_float(t) and m > 0 and k > 0 and is_float(ty) and dim(Y, 0) == m and dim(Y, 1) == k
+            and (not grad or (wtype(dZ, 2) == t and dim(dZ, 0) == m and dim(dZ, 1) == k))):
+        raise unsupported("poisson")
+    wp = weights_of(w, m, &sw)
+    buf = loss_buffer(m)
+    with nogil:
+        if t == cnp.NPY_FLOAT:
+            if ty == cnp.NPY_FLOAT:
+                loss = poisson_c(<float*>data(Z), <float*>data(Y), <float*>data(dZ) if grad else NULL, grad, m, k,
+                                 wp, sw, buf)
+            else:
+                loss = poisson_c(<float*>data(Z), <double*>data(Y), <float*>data(dZ) if grad else NULL, grad, m, k,
+                                 wp, sw, buf)
+        else:
+            if ty == cnp.NPY_FLOAT:
+                loss = poisson_c(<double*>data(Z), <float*>data(Y), <double*>data(dZ) if grad else NULL, grad, m,
+                                 k, wp, sw, buf)
+            else:
+                loss = poisson_c(<double*>data(Z), <double*>data(Y), <double*>data(dZ) if grad else NULL, grad, m,
+                                 k, wp, sw, buf)
     free(buf)
     return loss

@@ -189,6 +189,8 @@ def _values(rng, kind, shape, dtype, dims):
         return rng.integers(0, 2, shape)
     if kind == V.WEIGHTS:
         return rng.uniform(0.5, 2.0, shape)
+    if kind == V.COUNTS:          # Poisson targets: finite and >= 0
+        return rng.poisson(2.0, shape)
     return rng.uniform(0.5, 1.5, shape) if dtype == "positive" else rng.standard_normal(shape)
 
 

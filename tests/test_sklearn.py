@@ -42,13 +42,17 @@ def _expected_failed(est):
     if why:
         out["check_sample_weight_equivalence_on_dense_data"] = why
         out["check_sample_weight_equivalence_on_sparse_data"] = why
+    if est.get_params().get("loss") == "poisson":
+        out["check_regressors_train"] = ("asserts R^2 > 0.5 after max_iter=100 on its data; scikit-learn's own "
+                                         "MLPRegressor(loss='poisson', max_iter=100) fails it the same way")
     return out
 
 
 @parametrize_with_checks([MLPClassifier(max_iter=100), MLPRegressor(max_iter=100),
                           # fastdl's options under the same checks: L-BFGS with BatchNorm, SGD with dropout
                           MLPClassifier(solver="lbfgs", batchnorm=True, max_iter=100),
-                          MLPRegressor(solver="sgd", keep_prob=0.9, max_iter=100)],
+                          MLPRegressor(solver="sgd", keep_prob=0.9, max_iter=100),
+                          MLPRegressor(loss="poisson", max_iter=100)],
                          expected_failed_checks=_expected_failed)
 def test_sklearn_estimator_checks(estimator, check):
     with warnings.catch_warnings():
@@ -288,8 +292,10 @@ def test_bad_parameters_are_named():
         MLPClassifier(solver="newton").fit(X, y)
     with pytest.raises(ValueError, match="keep_prob"):
         MLPClassifier(keep_prob=0.0).fit(X, y)
-    with pytest.raises(ValueError, match="poisson"):
-        MLPRegressor(loss="poisson").fit(X, y.astype(float))
+    with pytest.raises(ValueError, match="'loss' parameter of MLPRegressor must be a str among"):
+        MLPRegressor(loss="huber").fit(X, y.astype(float))
+    with pytest.raises(ValueError, match="valid range of the loss 'poisson'.*1 negative"):
+        MLPRegressor(loss="poisson").fit(X, np.r_[-1.0, y[1:].astype(float)])
     with pytest.raises(ValueError, match="hidden_layer_sizes"):
         MLPClassifier(hidden_layer_sizes=(0,)).fit(X, y)
 
@@ -444,3 +450,74 @@ def test_epoch_executor_path_with_batchnorm_and_dropout():
     np.testing.assert_array_equal(a.model_.params, b.model_.params)
     np.testing.assert_array_equal(a.model_.state, b.model_.state)
     assert a.loss_curve_ == b.loss_curve_
+
+
+# --------------------------------------------------------------------------- loss='poisson'
+def _counts(n=300, n_targets=1, seed=0):
+    rng = np.random.RandomState(seed)
+    X = rng.uniform(-1, 1, (n, 4))
+    rate = np.exp(X @ rng.uniform(-0.6, 0.6, (4, n_targets)) + 0.5)
+    y = rng.poisson(rate).astype(float)
+    return X, (y[:, 0] if n_targets == 1 else y)
+
+
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("n_targets", [1, 2])
+def test_poisson_same_trajectory_as_sklearn(backend, weighted, n_targets):
+    """scikit-learn's MLPRegressor(loss='poisson') step for step: same weights, same loss_curve_ (with its
+    constant), rate predictions exp(z)."""
+    X, y = _counts(n_targets=n_targets)
+    sw = np.random.RandomState(1).uniform(0.2, 2.0, len(X)) if weighted else None
+    kw = dict(loss="poisson", hidden_layer_sizes=(12,), activation="tanh", solver="sgd", max_iter=6,
+              random_state=2, learning_rate_init=0.01, batch_size=40, alpha=1e-3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        ours = MLPRegressor(backend=backend, **kw).fit(X, y, sample_weight=sw)
+        ref = skn.MLPRegressor(**kw).fit(X, y, sample_weight=sw)
+    assert ours.out_activation_ == ref.out_activation_ == "exp"
+    assert ours.n_iter_ == ref.n_iter_ and ours.t_ == ref.t_
+    for a, b in zip(ours.coefs_ + ours.intercepts_, ref.coefs_ + ref.intercepts_):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-9)
+    np.testing.assert_allclose(ours.loss_curve_, ref.loss_curve_, rtol=1e-7)
+    np.testing.assert_allclose(ours.predict(X), ref.predict(X), rtol=1e-7)
+    assert (ours.predict(X) > 0).all()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_poisson_lbfgs_matches_sklearn(dtype):
+    X, y = _counts(n=200, seed=3)
+    kw = dict(loss="poisson", hidden_layer_sizes=(8,), solver="lbfgs", max_iter=50, random_state=0, alpha=1e-2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        ours = MLPRegressor(**kw).fit(X.astype(dtype), y)
+        ref = skn.MLPRegressor(**kw).fit(X.astype(dtype), y)
+    assert ours.model_.dtype == dtype and ours.predict(X.astype(dtype)).dtype == dtype
+    if dtype == np.float64:   # the same objective, start and L-BFGS path
+        assert ours.loss_ == pytest.approx(ref.loss_, rel=1e-9)
+        np.testing.assert_allclose(ours.predict(X), ref.predict(X), rtol=1e-6)
+    else:                     # float32 gradients: the paths part after a few iterations, the optimum does not
+        assert ours.loss_ == pytest.approx(ref.loss_, rel=3e-3)
+
+
+def test_poisson_epoch_executor_pickle_and_partial_fit(monkeypatch):
+    from fastdl.sklearn import _BaseMLP
+
+    X, y = _counts(seed=4)
+    fits = []
+    for use in (True, False):
+        monkeypatch.setattr(_BaseMLP, "_use_epoch_executor", use)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            fits.append(MLPRegressor(loss="poisson", hidden_layer_sizes=(16,), max_iter=5, batch_size=32,
+                                     random_state=0, backend="cython").fit(X, y))
+    a, b = fits
+    np.testing.assert_allclose(a.loss_curve_, b.loss_curve_, rtol=1e-12)
+    np.testing.assert_allclose(a.model_.params, b.model_.params, rtol=0, atol=1e-12)
+    back = pickle.loads(pickle.dumps(a))
+    assert back.model_.loss.name == "poisson"
+    np.testing.assert_array_equal(back.predict(X), a.predict(X))
+    back.partial_fit(X, y)
+    assert back.n_iter_ == 1 and np.isfinite(back.loss_)
+    assert MLPRegressor(loss="poisson").__sklearn_tags__().target_tags.positive_only
+    assert not MLPRegressor().__sklearn_tags__().target_tags.positive_only

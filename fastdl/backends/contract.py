@@ -71,12 +71,17 @@ Losses (return the MEAN loss over the m rows as a Python float; no L2 term)
       over its k outputs (k > 1: multilabel); ``dZ = (sigmoid(z) - y) / m``.
   ``mse(Yhat (m,k), Y (m,k) of Yhat's dtype, dZ (m,k)|(0,0), w=None) -> float``
       ``0.5 * ||yhat - y||^2`` per row; ``dZ = (yhat - y) / m``.
+  ``poisson(Z (m,k), Y (m,k) of Z's dtype, finite and >= 0, dZ (m,k)|(0,0), w=None) -> float``
+      log link: per output the half Poisson deviance ``exp(z) - y*z + xlogy(y, y) - y``
+      (``xlogy(0, 0) = 0``), a row's loss is the SUM over its k outputs;
+      ``dZ = (exp(z) - y) / m``. Evaluated in float64 per element whatever the
+      dtype; ``exp`` overflows to inf (a divergence the callers' checks catch).
   Per-example weights ``w`` (float64 ``(m,)``; ``None`` or size 0 = unweighted,
   exactly the formulas above; scikit-learn's rule, board 22:20/22:13):
   ``sw = sum(w)`` added left to right in float64 from 0.0 (``np.add.accumulate``,
   not NumPy's pairwise ``np.sum``); loss ``= sum_i(w_i L_i) / sw``;
   ``dZ_i = (w_i / sw) * g_i`` with ``g_i`` the row's unit gradient
-  (``softmax(z_i) - onehot(y_i)``, ``sigmoid(z_i) - y_i``, ``yhat_i - y_i``).
+  (``softmax(z_i) - onehot(y_i)``, ``sigmoid(z_i) - y_i``, ``yhat_i - y_i``, ``exp(z_i) - y_i``).
   ``sw == 0`` (a batch of zero weights) gives loss 0 and ``dZ = 0``. Callers
   pass ``w`` only when weighted.
 Dropout (inverted; counter-based mask, see below)
@@ -135,6 +140,7 @@ KERNELS: tuple[str, ...] = (
     "softmax",
     "sigmoid_bce",
     "mse",
+    "poisson",
     "dropout_forward",
     "dropout_backward",
     "sgd_step",
@@ -222,6 +228,8 @@ class KernelContract(Protocol):
     def sigmoid_bce(self, Z: Array, y: Array, dZ: Array, w: Array | None = None) -> float: ...
 
     def mse(self, Yhat: Array, Y: Array, dZ: Array, w: Array | None = None) -> float: ...
+
+    def poisson(self, Z: Array, Y: Array, dZ: Array, w: Array | None = None) -> float: ...
 
     def dropout_forward(self, A: Array, keep_prob: float, seed: int, step: int, layer: int, mask: Array,
                         out: Array) -> None: ...

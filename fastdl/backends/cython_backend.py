@@ -42,7 +42,7 @@ from fastdl._kernels._dense import (  # noqa: E402
     activation_backward, activation_forward, build_info, dense_backward, dense_forward)
 from fastdl.backends.contract import KERNELS  # noqa: E402
 from fastdl._kernels._dropout import dropout_backward, dropout_forward  # noqa: E402
-from fastdl._kernels._losses import mse, sigmoid_bce, softmax, softmax_cross_entropy  # noqa: E402
+from fastdl._kernels._losses import mse, poisson, sigmoid_bce, softmax, softmax_cross_entropy  # noqa: E402
 from fastdl._kernels._optim import (  # noqa: E402
     adam_step, all_finite, momentum_step, nesterov_step, rmsprop_step, sgd_step, sum_squares)
 # The whole-epoch executor (kernels/_epoch.pyx): epoch_executor(plan, batch_size, opt_spec) ->

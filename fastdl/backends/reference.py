@@ -206,6 +206,23 @@ def mse(Yhat, Y, dZ, w=None) -> float:
     return loss
 
 
+def poisson(Z, Y, dZ, w=None) -> float:
+    # log link; per output the half Poisson deviance, a row's loss is the SUM over its k outputs
+    m = Z.shape[0]
+    z = Z.astype(np.float64)
+    t = Y.astype(np.float64)
+    with np.errstate(over="ignore"):          # exp overflow -> inf: a divergence the caller detects
+        mu = np.exp(z)
+    pos = t > 0
+    xlogy = np.zeros_like(t)
+    xlogy[pos] = t[pos] * np.log(t[pos])
+    with np.errstate(invalid="ignore"):       # inf - inf when z overflows: NaN, also a divergence
+        loss = _mean_loss((mu - t * z + (xlogy - t)).sum(axis=1), w)
+        if dZ.size:
+            dZ[...] = (mu - t) * _row_scale(m, w) if _weighted(w) else (mu - t) / m
+    return loss
+
+
 # --------------------------------------------------------------------------- dropout
 
 

@@ -13,7 +13,7 @@ The rule (the conventions of :mod:`fastdl.backends.contract`; issue 14 item 3)
 * Float arrays share ONE dtype per call, ``float32`` or ``float64``.
   Class labels (``softmax_cross_entropy``'s ``y``) are ``int64`` in
   ``[0, k)``; dropout masks are ``uint8``; per-example weights ``w`` are
-  ``float64``.
+  ``float64``; Poisson targets (``poisson``'s ``Y``) are finite and ``>= 0``.
 * Shapes are consistent with each other exactly as the contract states;
   every output has exactly the shape the contract implies. Optional outputs
   (``b``/``db``, ``dA_prev``, a loss's ``dZ``, ``w``) may instead be an empty
@@ -53,6 +53,7 @@ LABELS = "int64 labels"
 MASK_OUT = "uint8 mask output"
 MASK_IN = "uint8 mask"
 WEIGHTS = "float64 weights"
+COUNTS = "float input, finite and >= 0"   # Poisson targets: a float input whose values are checked too
 ACT = "activation code"
 PRECISION = "precision code"
 REAL = "real"
@@ -61,9 +62,9 @@ UINT = "unsigned integer"
 INT = "integer"                # any Python/NumPy integer (the dropout counters work modulo 2**64)
 BOOL = "bool"
 
-_ARRAY_KINDS = {F_IN, F_OUT, F_INOUT, LABELS, MASK_OUT, MASK_IN, WEIGHTS}
+_ARRAY_KINDS = {F_IN, F_OUT, F_INOUT, LABELS, MASK_OUT, MASK_IN, WEIGHTS, COUNTS}
 _WRITTEN = {F_OUT, F_INOUT, MASK_OUT}
-_FLOAT_KINDS = {F_IN, F_OUT, F_INOUT}
+_FLOAT_KINDS = {F_IN, F_OUT, F_INOUT, COUNTS}
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 _INT64 = np.dtype(np.int64)
 _UINT8 = np.dtype(np.uint8)
@@ -133,6 +134,8 @@ SPECS: dict[str, dict[str, tuple]] = {
                     "dZ": _a(F_OUT, "m", "k", optional=True), "w": _a(WEIGHTS, "m", optional=True)},
     "mse": {"Yhat": _a(F_IN, "m", "k"), "Y": _a(F_IN, "m", "k"), "dZ": _a(F_OUT, "m", "k", optional=True),
             "w": _a(WEIGHTS, "m", optional=True)},
+    "poisson": {"Z": _a(F_IN, "m", "k"), "Y": _a(COUNTS, "m", "k"), "dZ": _a(F_OUT, "m", "k", optional=True),
+                "w": _a(WEIGHTS, "m", optional=True)},
     "dropout_forward": {"A": _a(F_IN, "m", "n"), "keep_prob": _a(PROB), "seed": _a(INT),
                         "step": _a(INT), "layer": _a(INT), "mask": _a(MASK_OUT, "m", "n"),
                         "out": _a(F_OUT, "m", "n")},
@@ -295,6 +298,14 @@ def _check_call(kernel: str, spec: list[_Arg], values: list, aliases: set) -> li
             lo, hi = int(v.min()), int(v.max())
             if lo < 0 or hi >= k:
                 raise _fail(kernel, f"'{a.name}' must hold class ids in [0, {k}); got values in [{lo}, {hi}]")
+        elif a.kind == COUNTS and v.size:
+            if not np.isfinite(v).all():
+                raise _fail(kernel, f"'{a.name}' must be finite (Poisson targets); it holds "
+                                    f"{int(np.count_nonzero(~np.isfinite(v)))} NaN or infinite value(s)")
+            lo = float(v.min())
+            if lo < 0:
+                raise _fail(kernel, f"'{a.name}' must be >= 0 (Poisson targets: counts or rates); it holds "
+                                    f"{int(np.count_nonzero(v < 0))} negative value(s), the smallest {lo!r}")
     # Overlap: outputs may share memory with nothing, except a permitted in-place alias.
     # An array whose chain of bases ends in an array that allocated its memory (OWNDATA) can only
     # overlap arrays with the same root: other pairs skip the bounds check (~1 us a pair).

@@ -34,8 +34,8 @@ from typing import Any
 
 import numpy as np
 
-from ..plan import (I_DX, I_INV, I_MASK, I_MEAN, I_OUT, LOSS_KERNELS, LOSS_MSE, LOSS_SIGMOID_BCE, OP_ACTIVATION,
-                    OP_BATCHNORM, OP_DENSE, OP_DROPOUT, L2_DATASET, Plan)
+from ..plan import (I_DX, I_INV, I_MASK, I_MEAN, I_OUT, LOSS_KERNELS, LOSS_SIGMOID_BCE, OP_ACTIVATION,
+                    OP_BATCHNORM, OP_DENSE, OP_DROPOUT, L2_DATASET, REGRESSION_LOSSES, Plan)
 
 #: batch sizes whose workspaces are kept (fit needs two: the full and the last batch)
 MAX_WORKSPACES = 8
@@ -308,8 +308,8 @@ class PerLayerExecutor:
         elif self.plan.loss == LOSS_SIGMOID_BCE:
             np.greater(Z[:, 0], 0, out=wrong)
             np.not_equal(wrong, y, out=wrong)
-        elif self.plan.loss == LOSS_MSE:
-            raise TypeError("loss 'mse' has no classification error")
+        elif self.plan.loss in REGRESSION_LOSSES:
+            raise TypeError(f"regression loss {LOSS_KERNELS[self.plan.loss]!r} has no classification error")
         else:
             Z.argmax(axis=1, out=pred)   # ndarray methods and ufuncs: no Python-level wrappers per step
             np.not_equal(pred, y, out=wrong)

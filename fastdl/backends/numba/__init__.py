@@ -59,7 +59,7 @@ from ._chunks import (  # noqa: E402
 from .batchnorm import batchnorm_backward, batchnorm_forward_infer, batchnorm_forward_train  # noqa: E402
 from .dense import activation_backward, activation_forward, dense_backward, dense_forward  # noqa: E402
 from .dropout import dropout_backward, dropout_forward  # noqa: E402
-from .losses import mse, sigmoid_bce, softmax, softmax_cross_entropy  # noqa: E402
+from .losses import mse, poisson, sigmoid_bce, softmax, softmax_cross_entropy  # noqa: E402
 from .optim import (  # noqa: E402
     adam_step, all_finite, momentum_step, nesterov_step, rmsprop_step, sgd_step, sum_squares,
 )
@@ -67,7 +67,7 @@ from .optim import (  # noqa: E402
 KERNEL_NAMES: tuple[str, ...] = (
     "dense_forward", "dense_backward", "activation_forward", "activation_backward",
     "batchnorm_forward_train", "batchnorm_forward_infer", "batchnorm_backward",
-    "softmax_cross_entropy", "softmax", "sigmoid_bce", "mse",
+    "softmax_cross_entropy", "softmax", "sigmoid_bce", "mse", "poisson",
     "dropout_forward", "dropout_backward",
     "sgd_step", "momentum_step", "rmsprop_step", "adam_step", "nesterov_step", "sum_squares", "all_finite",
 )
@@ -141,6 +141,8 @@ def _warmup_one(dt) -> None:
         sigmoid_bce(Zb, np.zeros(4, dt), np.empty((0, 0), dt), ww)
         mse(Zb, Zb, np.empty_like(Zb), ww)
         mse(Zb, Zb, np.empty((0, 0), dt), ww)
+        poisson(Zb, Zb, np.empty_like(Zb), ww)
+        poisson(Zb, Zb, np.empty((0, 0), dt), ww)
 
 
 __all__ = list(KERNEL_NAMES) + [

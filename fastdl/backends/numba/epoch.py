@@ -18,7 +18,7 @@ Conventions shared with every executor (docs/spec.md): ``m_l2`` is
 right) when weighted, else the batch's rows; ``l2_term = l2 / (2 m_l2) *
 ((0 + ssq(W_0)) + ssq(W_1) + ...)`` computed after the backward; ``J = loss +
 l2_term``; errors: softmax argmax (first maximum) != y, BCE ``(z > 0) != y``
-per output (a row is wrong if any output is), none for MSE.
+per output (a row is wrong if any output is), none for MSE and Poisson.
 """
 from __future__ import annotations
 
@@ -28,8 +28,8 @@ import numpy as np
 
 from ...plan import (
     F_EPS, F_KEEP, F_MOMENTUM, H_BETA1, H_BETA2, H_EPS, I_ACT, I_DX, I_INV, I_KIND, I_LAYER, I_MASK, I_MEAN, I_NIN,
-    I_NOUT, I_OUT, I_P0, I_P1, I_PREC, I_S0, L2_DATASET, LOSS_MSE, LOSS_SIGMOID_BCE, LOSS_SOFTMAX_CE, OP_ACTIVATION,
-    OP_BATCHNORM, OP_DENSE, OptimizerSpec, Plan,
+    I_NOUT, I_OUT, I_P0, I_P1, I_PREC, I_S0, L2_DATASET, LOSS_POISSON, LOSS_SIGMOID_BCE, LOSS_SOFTMAX_CE,
+    OP_ACTIVATION, OP_BATCHNORM, OP_DENSE, OptimizerSpec, Plan,
 )
 from ..contract import TANH
 from ._cache import jit as _jit
@@ -40,7 +40,7 @@ from .dense import activation_backward_impl, activation_forward_impl, dense_back
 from .dense import dense_backward_bf16_impl, dense_forward_bf16_impl, round_bf16_into
 from ...plan import I_OUTR, I_WR, I_XR
 from .dropout import dropout_backward_impl, dropout_forward_impl, key_of, threshold_of
-from .losses import mse_impl, sigmoid_bce_impl, softmax_cross_entropy_impl, weight_sum
+from .losses import mse_impl, poisson_impl, sigmoid_bce_impl, softmax_cross_entropy_impl, weight_sum
 from .optim import all_finite_impl, optimizer_step, sum_squares_impl
 
 
@@ -136,12 +136,14 @@ def _loss(loss_kind, logits, yb, dlog, wb, thr):
         return loss
     if loss_kind == LOSS_SIGMOID_BCE:
         return sigmoid_bce_impl(logits, yb, dlog, wb)
+    if loss_kind == LOSS_POISSON:
+        return poisson_impl(logits, yb, dlog, wb)
     return mse_impl(logits, yb, dlog, wb)
 
 
 @_jit
 def _errors(loss_kind, logits, yb):
-    """Wrong predictions of the batch (classifiers; 0 for MSE)."""
+    """Wrong predictions of the batch (classifiers; 0 for the regression losses)."""
     m, k = logits.shape
     wrong = 0
     if loss_kind == LOSS_SOFTMAX_CE:
@@ -262,7 +264,7 @@ class NumbaEpochExecutor:
         self.dlog_off = plan.dlogits_offset(B)
         self.masks = np.zeros(max(lay.mask_size, 1), np.uint8)
         self.xbuf = np.empty(B * plan.n_features, dt)
-        self.y_per_row = 1 if plan.loss == LOSS_SOFTMAX_CE else (k if plan.loss == LOSS_MSE or k > 1 else 1)
+        self.y_per_row = 1 if plan.loss == LOSS_SOFTMAX_CE else k     # targets: a class id, or k floats
         self.ybuf = np.empty(B * self.y_per_row, np.int64 if plan.loss == LOSS_SOFTMAX_CE else dt)
         self.wbuf = np.empty(B)
         P = int(parts(B))     # the partitions of a full batch: the most any batch uses

@@ -260,3 +260,47 @@ def mse(Yhat, Y, dZ, w=None) -> float:
     if w is None:
         w = _NO_W
     return mse_impl(Yhat, Y, dZ, w)
+
+
+@_jit
+def poisson_impl(Z, Y, dZ, w):
+    """Half Poisson deviance (log link) summed over the k outputs of a row, mean over rows.
+
+    ``Y`` holds the m*k targets ((m, k) or flat), finite and >= 0 (validated by the
+    callers). Per element in float64: ``(exp(z) - y*z) + (xlogy(y, y) - y)`` and
+    ``dZ = (exp(z) - y) / m`` (weighted: ``* w_i / sw``); ``exp`` overflows to inf.
+    """
+    m = Z.shape[0]
+    k = Z.shape[1]
+    mf = np.float64(m)
+    weighted = w.shape[0] != 0
+    sw = weight_sum(w) if weighted else mf
+    z = Z.reshape(Z.size)                 # C-contiguous -> flat view
+    t_all = Y.reshape(Y.size)
+    do_grad = dZ.size != 0
+    dz = dZ.reshape(dZ.size)
+    rows = np.empty(m)
+    for r in range(m):
+        acc = 0.0
+        cw = 0.0
+        if weighted and sw != 0.0:
+            cw = w[r] / sw
+        for e in range(r * k, r * k + k):
+            zi = np.float64(z[e])
+            t = np.float64(t_all[e])
+            mu = _exp64(zi)
+            c = t * np.log(t) if t > 0.0 else 0.0
+            acc += (mu - t * zi) + (c - t)
+            if do_grad:
+                dz[e] = (mu - t) * cw if weighted else (mu - t) / mf
+        rows[r] = w[r] * acc if weighted else acc
+    if weighted and sw == 0.0:
+        return 0.0
+    return _sum64(rows) / sw
+
+
+def poisson(Z, Y, dZ, w=None) -> float:
+    """Mean over rows of the half Poisson deviance (log link) summed over outputs; ``dZ = (exp(Z) - Y)/m``."""
+    if w is None:
+        w = _NO_W
+    return poisson_impl(Z, Y, dZ, w)

@@ -11,3 +11,5 @@ cdef double bce_c(const real* Z, const real2* y, real* dZ, bint grad, Py_ssize_t
                   const double* w, double sw, double* row_loss) noexcept nogil
 cdef double mse_c(const real* Yh, const real2* Y, real* dZ, bint grad, Py_ssize_t m, Py_ssize_t k,
                   const double* w, double sw, double* partial) noexcept nogil
+cdef double poisson_c(const real* Z, const real2* Y, real* dZ, bint grad, Py_ssize_t m, Py_ssize_t k,
+                      const double* w, double sw, double* row_loss) noexcept nogil
