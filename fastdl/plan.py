@@ -67,7 +67,7 @@ I_LAYER = 12    # index of the layer in model.layers (the dropout key's `layer`)
 I_PREC = 13     # PRECISION_* of a Dense op's three GEMMs
 # bf16 Dense ops (docs/spec.md section 13: each GEMM operand rounded to bfloat16 ONCE per step), else -1:
 I_XR = 14       # workspace offset of round_bf16(input) (batch_size x n_in): the operand of Z = XW and dW
-I_WR = 15       # workspace offset of round_bf16(W) (n_in x n_out), written once per step before the forward
+I_WR = 15       # workspace offset of round_bf16(W) (n_in x n_out): Layout.params_r + the W's params offset
 I_OUTR = 16     # a Dense op followed by a bf16 Dense: where its activation pass writes round_bf16(output)
                 # (= the next op's I_XR; that op then does not round its input itself)
 N_ICOLS = 17
@@ -192,6 +192,7 @@ class Layout:
     fprog: np.ndarray          # (n_ops, N_FCOLS) float64
     ws_size: int               # elements of the one float workspace (model dtype)
     mask_size: int             # bytes of the uint8 dropout-mask buffer
+    params_r: int = -1         # bf16 plans: workspace offset of round_bf16(params) (n_params), else -1
 
 
 @dataclass(frozen=True)
@@ -248,14 +249,19 @@ class Plan:
                 row[I_DX] = ws
                 ws += B * op.n_in
         # bf16: the rounded operands (fp32 plans: none, their layout is unchanged). dZ is rounded in place.
+        # round_bf16(params) is one params-sized region (the epoch executors write it in the optimiser's pass);
+        # a Dense op's rounded W is the view at its W's offset.
+        pr = -1
+        if any(op.kind == OP_DENSE and op.precision == PRECISION_BF16 for op in ops):
+            pr, ws = ws, ws + self.n_params
         for j, op in enumerate(ops):
             if op.kind == OP_DENSE and op.precision == PRECISION_BF16:
-                iprog[j, I_XR], iprog[j, I_WR] = ws, ws + B * op.n_in
-                ws += B * op.n_in + op.n_in * op.n_out
+                iprog[j, I_XR], iprog[j, I_WR] = ws, pr + op.p0
+                ws += B * op.n_in
                 if j > 0 and ops[j - 1].kind == OP_DENSE:
                     iprog[j - 1, I_OUTR] = iprog[j, I_XR]
         # the loss gradient (B x n_outputs) lives at the end of the workspace
-        lay = Layout(B, iprog, fprog, ws + B * self.n_outputs, mask)
+        lay = Layout(B, iprog, fprog, ws + B * self.n_outputs, mask, pr)
         if len(self._layouts) >= MAX_CACHED_LAYOUTS:  # inference on many input sizes must not grow memory
             self._layouts.clear()
         self._layouts[batch_size] = lay

@@ -77,6 +77,7 @@ cdef struct Run:
     Py_ssize_t B
     Py_ssize_t n_params
     Py_ssize_t dlog
+    Py_ssize_t params_r     # bf16: workspace offset of round_bf16(params) (the GEMMs' W), else -1
     int64_t* dense          # (n_dense, 2) [start, stop) of every Dense W in params
     int n_dense
     double l2
@@ -161,8 +162,7 @@ cdef real* forward(Run* r, const real* xb, Py_ssize_t m, uint64_t step) noexcept
         out = ws + op.out
         if op.kind == OP_DENSE:
             if real is float:
-                if op.prec == 1:   # bf16, each operand rounded once (docs/spec.md section 13); W once per step
-                    round_bf16_c(params + op.p0, ws + op.wr, <Py_ssize_t>op.n_in * op.n_out)
+                if op.prec == 1:   # bf16, each operand rounded once (docs/spec.md section 13); W: see run_epoch_c
                     dense_forward_bf16_c(x, ws + op.xr, j == 0 or r.ops[j - 1].outr < 0, ws + op.wr,
                                          params + op.p1 if op.has_b else NULL, op.has_b, op.act, out,
                                          ws + op.outr if op.outr >= 0 else NULL, <int>m, op.n_in, op.n_out)
@@ -226,6 +226,29 @@ cdef void backward(Run* r, const real* xb, Py_ssize_t m, double l2_over_m) noexc
         dout = dx
 
 
+cdef enum:
+    OPT_ROUND_BLOCK = 1024      # params per block of the optimiser step + W rounding (L1-resident)
+    OPT_ROUND_FUSED = 262144    # above: the optimiser's own (threaded) pass, then one rounding pass
+
+
+cdef void opt_step_round(Run* r, real* params, real* grads, double c1, double c2) noexcept nogil:
+    """bf16: the optimiser step block by block, each block rounded into round_bf16(params) while in L1.
+
+    The same per-element update as one ``opt_step_c`` over all params (an elementwise kernel; the
+    block boundaries change no bit, tests/test_bf16_once.py), without a second pass over W from L2.
+    """
+    cdef Py_ssize_t lo = 0, w, n = r.n_params
+    cdef real* v = <real*>r.v
+    cdef real* s = <real*>r.s
+    while lo < n:
+        w = n - lo if n - lo < OPT_ROUND_BLOCK else OPT_ROUND_BLOCK
+        opt_step_c(r.opt_kind, params + lo, grads + lo, v + lo if v != NULL else NULL,
+                   s + lo if s != NULL else NULL, w, r.beta1, r.beta2, r.opt_eps, c1, c2)
+        if real is float:
+            round_bf16_c(params + lo, <float*>r.ws + r.params_r + lo, w)
+        lo += w
+
+
 cdef void run_epoch_c(Run* r, real* typed) noexcept nogil:
     """Every mini-batch of the epoch (``typed`` only selects the float type)."""
     cdef const real* X = <const real*>r.X
@@ -249,6 +272,9 @@ cdef void run_epoch_c(Run* r, real* typed) noexcept nogil:
         for d in range(r.n_dense):
             sum_squares_c(params + r.dense[2 * d], r.dense[2 * d + 1] - r.dense[2 * d], &part, r.ssqbuf)
             ss = ss + part
+    if real is float:
+        if r.params_r >= 0:   # bf16: the first step's rounded W; each optimiser step then writes the next one's
+            round_bf16_c(params, <float*>r.ws + r.params_r, r.n_params)
     for bi in range(n_batches):
         s0 = bi * B
         m = r.n_rows - s0 if r.n_rows - s0 < B else B
@@ -305,9 +331,14 @@ cdef void run_epoch_c(Run* r, real* typed) noexcept nogil:
         if r.l2 != 0.0:   # the update and the next step's sum ||W||^2 in one pass over params
             opt_step_ssq_c(r.opt_kind, params, grads, <real*>r.v, <real*>r.s, r.n_params, r.beta1, r.beta2,
                            r.opt_eps, r.c1[bi], r.c2[bi], r.tasks, r.n_tasks, r.dense, r.n_dense, r.ssqbuf, &ss)
+        elif r.params_r >= 0 and r.n_params <= OPT_ROUND_FUSED:
+            opt_step_round(r, params, grads, r.c1[bi], r.c2[bi])
         else:
             opt_step_c(r.opt_kind, params, grads, <real*>r.v, <real*>r.s, r.n_params, r.beta1, r.beta2,
                        r.opt_eps, r.c1[bi], r.c2[bi])
+        if real is float:
+            if r.params_r >= 0 and (r.l2 != 0.0 or r.n_params > OPT_ROUND_FUSED):
+                round_bf16_c(params, <float*>r.ws + r.params_r, r.n_params)
     r.steps = n_batches
     r.wrong = wrong
     r.status = 2 if any_nonfinite_c(params, r.n_params) else 0
@@ -435,6 +466,7 @@ cdef class CythonEpochExecutor:
         r.B = batch_size
         r.n_params = plan.n_params
         r.dlog = self.dlog_off
+        r.params_r = lay.params_r
         r.dense = <int64_t*>data(self.dense)
         r.n_dense = self.dense.shape[0]
         r.l2 = float(plan.l2)

@@ -4,7 +4,8 @@
  *
  * fdl_bf16r gives the same bits as fdl_bf16_round (fastdl_bf16.h: round to nearest, ties to even; a
  * NaN stays a quiet NaN with the same sign and top mantissa bits) but stays in 32-bit lanes, which GCC
- * vectorises about twice as fast (17k floats: 1.5 vs 2.6 us on AMD Zen 4, /tmp microbenchmark).
+ * vectorises about twice as fast (17k floats: 1.3 vs 2.6 us on AMD Zen 4, /tmp microbenchmark).
+ * Built without -ffast-math (setup.py): `f != f` must stay the NaN test.
  */
 #ifndef FASTDL_BF16_PRE_H
 #define FASTDL_BF16_PRE_H
@@ -15,14 +16,13 @@
 #include "fastdl_common.h"
 
 static inline float fdl_bf16r(float f) {
-    uint32_t u, r, q, nan, o;
+    uint32_t u, r;
     float g;
     memcpy(&u, &f, 4);
-    r = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
-    q = (u | 0x00400000u) & 0xffff0000u;
-    nan = 0u - (uint32_t)((u & 0x7fffffffu) > 0x7f800000u);
-    o = (q & nan) | (r & ~nan);
-    memcpy(&g, &o, 4);
+    r = u + 0x7fffu + ((u >> 16) & 1u);
+    r = (f != f) ? (u | 0x00400000u) : r;   /* NaN: quiet; the float compare vectorises best (15-20%) */
+    r &= 0xffff0000u;
+    memcpy(&g, &r, 4);
     return g;
 }
 

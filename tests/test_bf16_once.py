@@ -182,16 +182,19 @@ def _model(kind, backend, precision="bf16", l2=0.0, nf=19, k=5, **kw):
 
 
 def test_fp32_layouts_are_unchanged():
-    """The rounded-operand buffers exist in bf16 plans only: an fp32 plan's workspace has no extra byte."""
+    """The rounded-operand buffers exist in bf16 plans only: an fp32 plan's workspace has no extra byte.
+    A bf16 plan adds round_bf16(params) (n_params) and each Dense input's rounded copy (B x n_in)."""
     for kind in ("bn", "s", "chain", "actfirst", "wide"):
         f = _model(kind, "reference", "fp32").plan
         b = _model(kind, "reference", "bf16").plan
         lf, lb = f.layout(32), b.layout(32)
         assert (lf.iprog[:, [_plan.I_XR, _plan.I_WR, _plan.I_OUTR]] == -1).all()
-        extra = sum(32 * op.n_in + op.n_in * op.n_out for op in b.ops if op.kind == _plan.OP_DENSE)
-        assert lb.ws_size == lf.ws_size + extra
+        extra = b.n_params + sum(32 * op.n_in for op in b.ops if op.kind == _plan.OP_DENSE)
+        assert lb.ws_size == lf.ws_size + extra and lf.params_r == -1 and lb.params_r >= 0
         np.testing.assert_array_equal(lf.iprog[:, :_plan.I_PREC], lb.iprog[:, :_plan.I_PREC])
         dense = [j for j, op in enumerate(b.ops) if op.kind == _plan.OP_DENSE]
+        for j in dense:   # rounded W: the view of round_bf16(params) at the W's offset
+            assert lb.iprog[j, _plan.I_WR] == lb.params_r + b.ops[j].p0
         for j in dense:   # a Dense followed by a Dense writes its rounded output into the next one's input copy
             nxt = lb.iprog[j + 1] if j + 1 < len(b.ops) else None
             if nxt is not None and nxt[_plan.I_KIND] == _plan.OP_DENSE:
