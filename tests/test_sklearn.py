@@ -381,8 +381,8 @@ def test_bf16_precision_trains_a_float32_network():
     X, y = _digits()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
-        clf = MLPClassifier(hidden_layer_sizes=(32,), precision="bf16", backend="reference", max_iter=30, learning_rate_init=0.01,
-                            random_state=0).fit(X, y)
+        clf = MLPClassifier(hidden_layer_sizes=(32,), precision="bf16", backend="reference", max_iter=30,
+                            learning_rate_init=0.01, random_state=0).fit(X, y)
         fp = MLPClassifier(hidden_layer_sizes=(32,), backend="reference", max_iter=30, learning_rate_init=0.01,
                            random_state=0).fit(X.astype(np.float32), y)
     assert clf.model_.dtype == np.float32 and clf.model_.get_config()["precision"] == "bf16"
@@ -521,3 +521,30 @@ def test_poisson_epoch_executor_pickle_and_partial_fit(monkeypatch):
     assert back.n_iter_ == 1 and np.isfinite(back.loss_)
     assert MLPRegressor(loss="poisson").__sklearn_tags__().target_tags.positive_only
     assert not MLPRegressor().__sklearn_tags__().target_tags.positive_only
+
+
+# --------------------------------------------------------------------------- the package split
+def test_pickles_from_the_single_module_still_load_and_new_ones_keep_the_public_path():
+    """tests/data/sklearn_estimators_de458f7.pkl was written when fastdl.sklearn was one module
+    (fastdl/sklearn.py): a fitted SGD (momentum=1.0: the private _ScikitSGD, an adaptive-rate
+    NoImprovementStopping) classifier with string labels and a Poisson regressor."""
+    import pathlib
+    import pickletools
+
+    import fastdl.sklearn as fds
+
+    path = pathlib.Path(__file__).parent / "data" / "sklearn_estimators_de458f7.pkl"
+    b = pickle.loads(path.read_bytes())    # our own fixture: trusted
+    clf, reg, X = b["clf"], b["reg"], b["X"]
+    assert type(clf) is fds.MLPClassifier and type(reg) is fds.MLPRegressor
+    assert type(clf.optimizer_) is fds._ScikitSGD and type(clf._stopper) is fds.NoImprovementStopping
+    np.testing.assert_array_equal(clf.predict_proba(X), b["clf_proba"])
+    np.testing.assert_array_equal(reg.predict(X), b["reg_pred"])
+    clf.partial_fit(X, b["yc"])              # the restored optimiser state and stopper keep training
+    reg.partial_fit(X, b["yr"])
+    assert np.isfinite(clf.loss_) and np.isfinite(reg.loss_)
+    # the classes an estimator's pickle holds are named fastdl.sklearn.<Name> (not the private modules)
+    data = pickle.dumps(clf)
+    modules = {arg for op, arg, _ in pickletools.genops(data) if isinstance(arg, str) and arg.startswith("fastdl")}
+    assert {m for m in modules if m.startswith("fastdl.sklearn")} == {"fastdl.sklearn"}
+    assert fds.MLPClassifier.__module__ == fds.MLPRegressor.__module__ == "fastdl.sklearn"
