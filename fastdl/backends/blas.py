@@ -127,8 +127,13 @@ def cpu_bf16_unit() -> str:
     try:
         with open("/proc/cpuinfo") as f:
             flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:   # not Linux: no way to tell without cpuid; assume none (the fallback is always correct)
-        return ""
+    except OSError:   # not Linux: ask CPUID through fastdl's kernel (AVX512-BF16 only; AMX needs Linux's flags)
+        try:
+            from fastdl._kernels import _blas
+
+            return "AVX512-BF16" if _blas.bf16_kernel_available() else ""
+        except ImportError:   # extensions not built: assume none (the fallback is always correct)
+            return ""
     if "amx_bf16" in flags:
         return "AMX"
     if "avx512_bf16" in flags:
