@@ -235,3 +235,20 @@ def test_epoch_executor_bit_identical_to_per_gemm_rounding(route, backend, kind,
     f = _model(kind, backend, "fp32", l2=l2, nf=nf, k=k)    # bf16 really ran
     f.fit(X, y, optimizer=fd.Adam(lr=1e-2), epochs=2, batch_size=16, fused=True)
     assert np.abs(f.params - a.params).max() > 1e-5
+
+
+@pytest.mark.parametrize("backend", COMPILED)
+@pytest.mark.parametrize("opt", ["sgd", "momentum", "rmsprop", "nesterov", "classical"])
+def test_every_optimiser_writes_the_same_rounded_weights(backend, opt):
+    """The optimiser step that also writes round_bf16(params) (block by block) = the per-layer step + rounding."""
+    _backend(backend)
+    make = {"sgd": lambda: fd.SGD(lr=0.05), "momentum": lambda: fd.Momentum(lr=0.05),
+            "rmsprop": lambda: fd.RMSprop(lr=1e-3), "nesterov": lambda: fd.ClassicalMomentum(lr=0.05, nesterov=True),
+            "classical": lambda: fd.ClassicalMomentum(lr=0.05, nesterov=False)}[opt]
+    X, y = _data(37, 19, 5, seed=3)
+    models = []
+    for fused in (True, False):
+        m = _model("s", backend)
+        m.fit(X, y, optimizer=make(), epochs=2, batch_size=8, fused=fused)
+        models.append(m)
+    assert models[0].params.tobytes() == models[1].params.tobytes()

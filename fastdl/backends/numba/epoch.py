@@ -44,6 +44,10 @@ from .losses import mse_impl, poisson_impl, sigmoid_bce_impl, softmax_cross_entr
 from .optim import all_finite_impl, optimizer_step, sum_squares_impl
 
 
+_OPT_ROUND_BLOCK = 1024     # params per block of the bf16 optimiser step + rounding (as kernels/_epoch.pyx)
+_OPT_ROUND_FUSED = 262144   # larger models: the optimiser's own (threaded) pass, then one rounding pass
+
+
 @_jit
 def _view2(buf, off, m, n):
     return buf[off:off + m * n].reshape((m, n))
@@ -65,8 +69,7 @@ def _forward(X, iprog, fprog, params, state, ws, masks, m, seed, step, thr, empt
             b = params[iprog[j, I_P1]:iprog[j, I_P1] + nout] if iprog[j, I_P1] >= 0 else empty1
             act = iprog[j, I_ACT]
             if iprog[j, I_PREC] == 1:   # bf16, each operand rounded once (docs/spec.md section 13)
-                Wr = _view2(ws, iprog[j, I_WR], nin, nout)
-                round_bf16_into(W, Wr)      # W once per step
+                Wr = _view2(ws, iprog[j, I_WR], nin, nout)   # written in the optimiser's pass (_train_epoch)
                 outr = _view2(ws, iprog[j, I_OUTR], m, nout) if iprog[j, I_OUTR] >= 0 else ws[:0].reshape((0, 0))
                 dense_forward_bf16_impl(x, _view2(ws, iprog[j, I_XR], m, nin), j == 0 or iprog[j - 1, I_OUTR] < 0,
                                         Wr, b, act, out, outr, act >= TANH and size >= thr[T_BIAS_ACT])
@@ -200,6 +203,14 @@ def _train_epoch(X, y, ky, w, perm, batch_size, iprog, fprog, dense_w, loss_kind
     empty2 = ws[:0].reshape((0, 0))
     n_batches = (N + batch_size - 1) // batch_size
     wrong = 0
+    # bf16 plans: round_bf16(params) lives at ws[pr:pr + P] (plan.Layout.params_r = a Dense op's I_WR - I_P0)
+    P = params.shape[0]
+    pr = -1
+    for j in range(iprog.shape[0]):
+        if iprog[j, I_KIND] == OP_DENSE and iprog[j, I_PREC] == 1:
+            pr = iprog[j, I_WR] - iprog[j, I_P0]
+    if pr >= 0:
+        round_bf16_into(params, ws[pr:pr + P])     # the first step's rounded W
     for bi in range(n_batches):
         s0 = bi * batch_size
         m = min(batch_size, N - s0)
@@ -229,8 +240,18 @@ def _train_epoch(X, y, ky, w, perm, batch_size, iprog, fprog, dense_w, loss_kind
         wrong += _errors(loss_kind, logits, yb)
         if not (math.isfinite(J) and all_finite_impl(grads)):
             return bi, wrong, 1
-        optimizer_step(opt_kind, params, grads, v, s, hyper[H_BETA1], hyper[H_BETA2], hyper[H_EPS], coef1[bi],
-                       coef2[bi], thr)
+        if pr >= 0 and l2 == 0.0 and P <= _OPT_ROUND_FUSED:
+            # bf16: the step block by block, each block's round_bf16 written while in cache (the same bits)
+            for lo in range(0, P, _OPT_ROUND_BLOCK):
+                hi = min(P, lo + _OPT_ROUND_BLOCK)
+                optimizer_step(opt_kind, params[lo:hi], grads[lo:hi], v[lo:hi], s[lo:hi], hyper[H_BETA1],
+                               hyper[H_BETA2], hyper[H_EPS], coef1[bi], coef2[bi], thr)
+                round_bf16_into(params[lo:hi], ws[pr + lo:pr + hi])
+        else:
+            optimizer_step(opt_kind, params, grads, v, s, hyper[H_BETA1], hyper[H_BETA2], hyper[H_EPS], coef1[bi],
+                           coef2[bi], thr)
+            if pr >= 0:
+                round_bf16_into(params, ws[pr:pr + P])
     if not (all_finite_impl(params) and all_finite_impl(state)):
         return n_batches, wrong, 2
     return n_batches, wrong, 0
