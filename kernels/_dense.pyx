@@ -420,6 +420,18 @@ def _f32(a, str name, Py_ssize_t rows, Py_ssize_t cols, bint writeable):
                          f"shape ({rows}, {cols})")
 
 
+def round_bf16(src, dst):
+    """``dst = round_bf16(src)`` (nearest even, as float32) on C-contiguous float32 arrays of one size."""
+    cdef Py_ssize_t n
+    if not (rtype(src, 1) == cnp.NPY_FLOAT or rtype(src, 2) == cnp.NPY_FLOAT) or not (
+            wtype(dst, 1) == cnp.NPY_FLOAT or wtype(dst, 2) == cnp.NPY_FLOAT) or src.size != dst.size:
+        raise ValueError("round_bf16: src and dst must be C-contiguous float32 arrays of one size "
+                         "(dst writeable)")
+    n = src.size
+    with nogil:
+        fdl_round_span(<float*>data(src), <float*>data(dst), <size_t>n)
+
+
 def dense_forward_bf16(A, Ar, bint round_in, Wr, b, int act, out, outr=None):
     """The bf16 forward core with operands rounded once (tests; the epoch executors call it in C).
 

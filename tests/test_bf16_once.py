@@ -1,9 +1,11 @@
 """bf16 with each GEMM operand rounded ONCE per step (docs/spec.md section 13, issue 13's S target).
 
-The epoch executors (Cython, Numba) round W once per step, a Dense layer's input once (for Z = XW and
-dW = X^T dZ) and dZ once (for dW and dX = dZ W^T), then multiply with ``bf16gemm_pre_rm``; the per-layer
-path rounds both operands inside every GEMM (``bf16gemm_rm``). Rounding is idempotent, so both must give
-the SAME BITS: these tests compare them exactly (``tobytes``), with every GEMM route this machine has
+The epoch executors (Cython, Numba) and the per-layer executor on those backends round W once per step, a
+Dense layer's input once (for Z = XW and dW = X^T dZ) and dZ once (for dW and dX = dZ W^T), then multiply
+with ``bf16gemm_pre_rm``; before, every GEMM rounded both its operands itself (``bf16gemm_rm``; still the
+path of the reference backend, and of the per-layer executor with ``executor._bf16 = None``: the oracle
+here). Rounding is idempotent, so both must give the SAME BITS: these tests compare them exactly
+(``tobytes``), with every GEMM route this machine has
 (rounding fallback, MKL's native bf16 GEMM, fastdl's AVX512-BF16 kernel), on odd shapes, batch 1,
 BatchNorm, dropout, L2, Dense -> Dense without activation, an activation first, and widths above the
 GEMM routing thresholds. Nothing here depends on the CPU model or on timing.
@@ -214,23 +216,28 @@ def _data(m, nf, k, seed=1):
 @pytest.mark.parametrize("kind", ["bn", "s", "chain", "actfirst", "wide"])
 @pytest.mark.parametrize("l2", [0.0, 0.3])
 def test_epoch_executor_bit_identical_to_per_gemm_rounding(route, backend, kind, l2):
-    """The epoch executor (operands rounded once) = the per-layer path (every GEMM rounds its operands), bit for
-    bit: parameters, BatchNorm state, Adam state, costs; batches of 16 with a last batch of 1 row; then the
-    predictions of the trained models."""
+    """The epoch executor and the per-layer path (operands rounded once) = the per-layer path with every GEMM
+    rounding its own operands (the semantics before), bit for bit: parameters, BatchNorm state, Adam state,
+    costs; batches of 16 with a last batch of 1 row; then the predictions of the trained models."""
     _backend(backend)
     nf, k = (700, 4) if kind == "wide" else (19, 5)
     X, y = _data(33 if kind == "wide" else 49, nf, k)
     runs = []
-    for fused in (True, False):
+    for fused, once in ((True, True), (False, True), (False, False)):
         m = _model(kind, backend, l2=l2, nf=nf, k=k)
+        assert (m.executor._bf16 is not None) == (backend in COMPILED)
+        if not once:   # the oracle: the per-layer path with every bf16 GEMM rounding its own operands
+            m.executor._bf16 = None
         opt = fd.Adam(lr=1e-2)
         h = m.fit(X, y, optimizer=opt, epochs=2, batch_size=16, fused=fused)
         runs.append((m, opt, h))
-    (a, oa, ha), (b, ob, hb) = runs
-    assert a.params.tobytes() == b.params.tobytes() and a.state.tobytes() == b.state.tobytes()
-    for key in oa.state:
-        assert oa.state[key].tobytes() == ob.state[key].tobytes()
-    assert ha.batch_cost == hb.batch_cost
+    b, ob, hb = runs[2]
+    for a, oa, ha in runs[:2]:   # the epoch executor and the per-layer path, both rounding each operand once
+        assert a.params.tobytes() == b.params.tobytes() and a.state.tobytes() == b.state.tobytes()
+        for key in oa.state:
+            assert oa.state[key].tobytes() == ob.state[key].tobytes()
+        assert ha.batch_cost == hb.batch_cost
+    a = runs[0][0]
     assert a.decision_function(X).tobytes() == b.decision_function(X).tobytes()
     f = _model(kind, backend, "fp32", l2=l2, nf=nf, k=k)    # bf16 really ran
     f.fit(X, y, optimizer=fd.Adam(lr=1e-2), epochs=2, batch_size=16, fused=True)
@@ -247,8 +254,23 @@ def test_every_optimiser_writes_the_same_rounded_weights(backend, opt):
             "classical": lambda: fd.ClassicalMomentum(lr=0.05, nesterov=False)}[opt]
     X, y = _data(37, 19, 5, seed=3)
     models = []
-    for fused in (True, False):
+    for fused, once in ((True, True), (False, True), (False, False)):
         m = _model("s", backend)
+        if not once:
+            m.executor._bf16 = None
         m.fit(X, y, optimizer=make(), epochs=2, batch_size=8, fused=fused)
         models.append(m)
-    assert models[0].params.tobytes() == models[1].params.tobytes()
+    assert models[0].params.tobytes() == models[2].params.tobytes() == models[1].params.tobytes()
+
+
+def test_which_backends_round_once():
+    """The reference backend (the emulation oracle) rounds inside each GEMM; Cython / Numba / auto have the cores."""
+    assert _model("s", "reference").executor._bf16 is None
+    assert _model("s", "reference", "fp32").executor._bf16 is None
+    for name in COMPILED + ("auto",):
+        try:
+            fd.get_backend(name)
+        except (ImportError, ValueError):
+            continue
+        assert _model("s", name).executor._bf16 is not None
+        assert _model("s", name, "fp32").executor._bf16 is None    # fp32 plans: nothing changes

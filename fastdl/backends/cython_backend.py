@@ -49,5 +49,7 @@ from fastdl._kernels._optim import (  # noqa: E402
 # fastdl.plan.EpochExecutor, one nogil C loop per epoch over the plan, bit-identical to this
 # backend's per-layer path (it calls the same compiled cores).
 from fastdl._kernels._epoch import epoch_executor  # noqa: E402
+# bf16 Dense cores with each GEMM operand rounded once (docs/spec.md section 13): Backend.bf16_cores()
+from fastdl._kernels._dense import dense_backward_bf16, dense_forward_bf16, round_bf16  # noqa: E402
 
 __all__ = [*KERNELS, "build_info", "epoch_executor"]

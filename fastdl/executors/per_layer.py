@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from ..plan import I_OUTR, I_WR, I_XR
 from ..plan import (I_DX, I_INV, I_MASK, I_MEAN, I_OUT, LOSS_KERNELS, LOSS_SIGMOID_BCE, OP_ACTIVATION,
                     OP_BATCHNORM, OP_DENSE, OP_DROPOUT, L2_DATASET, REGRESSION_LOSSES, Plan)
 
@@ -45,7 +46,7 @@ class _Workspace:
     """The buffers of one batch size: views into one flat array (and the mask buffer)."""
 
     __slots__ = ("m", "flat", "mask_buf", "out", "dx", "mean", "inv_std", "mask", "dlogits", "inputs",
-                 "active", "count")
+                 "active", "count", "params_r", "xr", "wr", "outr", "round_in")
 
     def __init__(self, plan: Plan, m: int):
         lay = plan.layout(m)
@@ -73,6 +74,22 @@ class _Workspace:
                 self.mask[j] = self.mask_buf[k:k + m * op.n_out].reshape(m, op.n_out)
         d = lay.ws_size - m * plan.n_outputs
         self.dlogits = flat[d:].reshape(m, plan.n_outputs)
+        # bf16 (docs/spec.md section 13): round_bf16(params), each Dense input's rounded copy, and where a
+        # Dense writes its rounded output (the next Dense's input copy); None for fp32 plans / other ops
+        pr = lay.params_r
+        self.params_r = flat[pr:pr + plan.n_params] if pr >= 0 else None
+        self.xr: list[Any] = [None] * n_ops
+        self.wr: list[Any] = [None] * n_ops
+        self.outr: list[Any] = [None] * n_ops
+        self.round_in = [True] * n_ops
+        for j, op in enumerate(plan.ops):
+            row = lay.iprog[j]
+            if row[I_XR] >= 0:
+                self.xr[j] = flat[int(row[I_XR]):int(row[I_XR]) + m * op.n_in].reshape(m, op.n_in)
+                self.wr[j] = flat[int(row[I_WR]):int(row[I_WR]) + op.n_in * op.n_out].reshape(op.n_in, op.n_out)
+            if row[I_OUTR] >= 0:
+                self.outr[j] = flat[int(row[I_OUTR]):int(row[I_OUTR]) + m * op.n_out].reshape(m, op.n_out)
+                self.round_in[j + 1] = False    # op j writes op j+1's rounded input
         self.inputs: list[Any] = [None] * (n_ops + 1)  # input of op j; inputs[n_ops] = the logits
         self.active = [False] * n_ops                  # dropout op j applied in the last forward
         self.count = [0.0] * n_ops                     # synchronised BatchNorm: global rows
@@ -117,6 +134,10 @@ class PerLayerExecutor:
                 raise ValueError(f"unknown op kind {op.kind} in the plan")
         self._ops = tuple(ops)
         self._dense_W = tuple(params[int(a):int(b)] for a, b in plan.dense_weights)
+        # bf16 with each GEMM operand rounded once per step (docs/spec.md section 13) when the backend has
+        # the cores (Cython, Numba); else every bf16 GEMM rounds its operands itself (the same bits)
+        bf16 = any(op.kind == OP_DENSE and op.precision for op in plan.ops)
+        self._bf16 = kernels.bf16_cores() if bf16 and hasattr(kernels, "bf16_cores") else None
         self._workspaces: dict[int, _Workspace] = {}
         self._error_buffers: dict[int, tuple] = {}
 
@@ -143,13 +164,18 @@ class PerLayerExecutor:
         ws = self.workspace(X.shape[0])
         inputs, outs = ws.inputs, ws.out
         x = X
+        bf = self._bf16
+        if bf is not None:   # round_bf16(W) once per forward (the GEMMs of this step's backward reuse it)
+            bf.round_bf16(self.params, ws.params_r)
         for j, op in enumerate(self._ops):
             inputs[j] = x
             kind = op[0]
             if kind == OP_DENSE:
                 _, W, b, _, _, act, prec = op
                 out = outs[j]
-                if prec:
+                if prec and bf is not None:
+                    bf.dense_forward_bf16(x, ws.xr[j], ws.round_in[j], ws.wr[j], b, act, out, ws.outr[j])
+                elif prec:
                     K.dense_forward(x, W, b, act, out, prec)
                 else:  # fp32: the 5-argument call every backend has always accepted
                     K.dense_forward(x, W, b, act, out)
@@ -198,7 +224,10 @@ class PerLayerExecutor:
                 _, W, _, dW, db, act, prec = op
                 dx = dxs[j] if j > 0 else self._empty2
                 # dZ overwrites dout in place (the contract allows it): dout is consumed here.
-                if prec:
+                if prec and self._bf16 is not None:   # the forward's rounded input and W; dZ rounded in place
+                    self._bf16.dense_backward_bf16(ws.xr[j], W, ws.wr[j], out, dout, act, l2_over_m, dout, dW, db,
+                                                   dx)
+                elif prec:
                     K.dense_backward(x, W, out, dout, act, l2_over_m, dout, dW, db, dx, prec)
                 else:
                     K.dense_backward(x, W, out, dout, act, l2_over_m, dout, dW, db, dx)

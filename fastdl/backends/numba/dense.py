@@ -408,6 +408,30 @@ def dense_backward_bf16_impl(Ar, W, Wr, out, dout, act, l2_over_m, dW, db, dA_pr
         _gemm_pre(dout, False, Wr, True, dA_prev)
 
 
+def round_bf16(src, dst) -> None:
+    """``dst = round_bf16(src)`` on C-contiguous float32 arrays of one size (Backend.bf16_cores)."""
+    round_bf16_into(src, dst)
+
+
+def dense_forward_bf16(A, Ar, round_in: bool, Wr, b, act: int, out, outr=None) -> None:
+    """The bf16 forward with operands rounded once (``Ar``/``Wr``; see dense_forward_bf16_impl)."""
+    if not 0 <= act <= 3:
+        raise _bad_act(act)
+    if outr is None:
+        outr = out[:0, :0]
+    dense_forward_bf16_impl(A, Ar, bool(round_in), Wr, b, act, out, outr,
+                            act >= TANH and out.size >= current_thresholds()[T_BIAS_ACT])
+
+
+def dense_backward_bf16(Ar, W, Wr, out, dout, act: int, l2_over_m: float, dZr, dW, db, dA_prev) -> None:
+    """The bf16 backward with operands rounded once; ``dZr`` receives round_bf16(dZ) (may be ``dout``)."""
+    if not 0 <= act <= 3:
+        raise _bad_act(act)
+    if dZr is not dout:
+        dZr[...] = dout
+    dense_backward_bf16_impl(Ar, W, Wr, out, dZr, act, float(l2_over_m), dW, db, dA_prev)
+
+
 # ---------------------------------------------------------------------------------- activations
 
 
