@@ -155,6 +155,17 @@ def test_mse(benchmark, bname):
     _run(benchmark, "mse loss+grad 512x10", lambda: be.mse(Yhat, Y, dZ))
 
 
+@backend_param
+@pytest.mark.parametrize("m,k", [(512, 10), (4096, 1)], ids=["512x10", "4096x1"])
+def test_poisson(benchmark, bname, m, k):
+    be = get_backend(bname).unchecked   # the raw kernels (the validated entries cost a few us more a call)
+    rng = np.random.default_rng(6)
+    Z = _randn(rng, (m, k))
+    Y = rng.poisson(1.5, size=(m, k)).astype(DT)
+    dZ = np.empty_like(Z)
+    _run(benchmark, f"poisson loss+grad {m}x{k}", lambda: be.poisson(Z, Y, dZ))
+
+
 # --------------------------------------------------------------------------- dropout
 
 
