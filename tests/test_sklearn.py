@@ -519,6 +519,8 @@ def test_poisson_epoch_executor_pickle_and_partial_fit(monkeypatch):
     np.testing.assert_array_equal(back.predict(X), a.predict(X))
     back.partial_fit(X, y)
     assert back.n_iter_ == 1 and np.isfinite(back.loss_)
+    with pytest.raises(ValueError, match="needs the same loss"):
+        back.set_params(loss="squared_error").partial_fit(X, y)
     assert MLPRegressor(loss="poisson").__sklearn_tags__().target_tags.positive_only
     assert not MLPRegressor().__sklearn_tags__().target_tags.positive_only
 

@@ -214,6 +214,10 @@ class _BaseMLP(_StochasticSolver, _LBFGSSolver, BaseEstimator):
                 raise ValueError(f"hidden_layer_sizes is {tuple(hidden)} but the fitted network has "
                                  f"{tuple(fitted_hidden)}: continuing (warm_start / partial_fit) needs the same "
                                  "architecture; set warm_start=False to train a new network")
+            if self.model_.loss.name != self._fd_loss(Y.shape[1]):   # MLPRegressor's loss changed by set_params
+                raise ValueError(f"loss={getattr(self, 'loss', None)!r} but the fitted network was trained on "
+                                 f"fastdl's {self.model_.loss.name!r}: continuing (warm_start / partial_fit) "
+                                 "needs the same loss; set warm_start=False to train a new network")
         targets = self._targets(Y)
         if self.solver == "lbfgs":
             self._fit_lbfgs(X, targets, sw)

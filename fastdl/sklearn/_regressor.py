@@ -62,7 +62,7 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
     def _validate_hyperparameters(self):
         if not isinstance(self.loss, str) or self.loss not in LOSSES:
             raise ValueError(f"The 'loss' parameter of {type(self).__name__} must be a str among "
-                             f"{sorted(LOSSES)}. Got {self.loss!r} instead.")
+                             f"{{{', '.join(map(repr, LOSSES))}}}. Got {self.loss!r} instead.")
         return super()._validate_hyperparameters()
 
     def _fd_loss(self, n_out: int) -> str:
