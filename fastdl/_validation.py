@@ -138,7 +138,7 @@ def as_binary_labels(y, m: int, dtype: np.dtype, name: str = "y") -> np.ndarray:
     return np.ascontiguousarray(arr, dtype=dtype)
 
 
-def as_regression_targets(y, m: int, k: int, dtype: np.dtype, name: str = "y") -> np.ndarray:
+def as_regression_targets(y, m: int, k: int, dtype: np.dtype, name: str = "y", loss: str = "mse") -> np.ndarray:
     """Float targets of shape (m, k); (m,) is accepted when k == 1."""
     if hasattr(y, "to_numpy"):
         y = y.to_numpy()
@@ -146,5 +146,5 @@ def as_regression_targets(y, m: int, k: int, dtype: np.dtype, name: str = "y") -
     if arr.ndim == 1 and k == 1:
         arr = arr[:, None]
     if arr.ndim != 2 or arr.shape != (m, k):
-        raise ValueError(f"{name} must have shape ({m}, {k}) for mse, got {arr.shape}")
+        raise ValueError(f"{name} must have shape ({m}, {k}) for {loss}, got {arr.shape}")
     return as_float_matrix(arr, dtype, k, name)

@@ -131,7 +131,7 @@ class Poisson(Loss):
     classifier = False
 
     def prepare_targets(self, y, m, n_out, dtype):
-        Y = V.as_regression_targets(y, m, n_out, dtype)
+        Y = V.as_regression_targets(y, m, n_out, dtype, loss="poisson")
         neg = Y < 0
         if neg.any():
             raise ValueError("y must be >= 0 for loss='poisson' (counts or rates; the prediction exp(z) is "

@@ -162,6 +162,8 @@ def test_model_predicts_the_rate_and_validates_targets():
         model.fit(X, y, epochs=1)
     with pytest.raises(ValueError, match="NaN or infinite"):
         model.fit(X, np.full((30, 2), np.inf), epochs=1)
+    with pytest.raises(ValueError, match=r"shape \(30, 2\) for poisson"):
+        model.fit(X, np.ones(30), epochs=1)
     with pytest.raises(ValueError, match="applies its own output function"):
         fd.Sequential([fd.Dense(4, 1), fd.ReLU()], loss="poisson")
 
