@@ -32,6 +32,7 @@
 #include "fastdl_common.h"
 
 #if defined(__x86_64__) && !defined(FASTDL_NO_AVX512BF16) && !defined(_MSC_VER) && \
+    (defined(__linux__) || defined(__APPLE__) || defined(__unix__)) && \
     ((defined(__clang__) && __clang_major__ >= 9) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 10))
 #define FDL_BF16K_COMPILED 1
 #else
@@ -44,6 +45,13 @@
 #if FDL_BF16K_COMPILED
 #include <cpuid.h>
 #include <immintrin.h>
+#include <pthread.h>
+
+/* Set in a fork()ed child: GNU OpenMP is not fork-safe (a child whose parent ran a parallel region hangs
+   in its next multi-threaded one), so the kernel runs on the calling thread only there (as fastdl's Numba
+   kernels do, fastdl/backends/numba/_chunks.py). */
+static volatile int fdl_bf16k_forked = 0;
+static void fdl_bf16k_atfork_child(void) { fdl_bf16k_forked = 1; }
 
 #define FDL_BF16K_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
 
@@ -246,8 +254,9 @@ FDL_BF16K_TARGET static int fdl_bf16k_gemm_impl(int ta, int tb, int M, int N, in
     const int gm = (nmp + mb - 1) / mb, gn = (nnp + nb - 1) / nb;
     const int nblocks = gm * gn;
     if (nt > nblocks + nmp) nt = nblocks + nmp;
+    if (fdl_bf16k_forked) nt = 1;
 #if defined(_OPENMP)
-#pragma omp parallel num_threads(nt)
+#pragma omp parallel num_threads(nt) if (nt > 1)
 #endif
     {
 #if defined(_OPENMP)
@@ -293,7 +302,11 @@ FDL_BF16K_TARGET static int fdl_bf16k_gemm_impl(int ta, int tb, int M, int N, in
 static int fdl_bf16k_available(void) {
 #if FDL_BF16K_COMPILED
     static int fdl_bf16k_cpu = -1;   /* -1 = not yet probed */
-    if (fdl_bf16k_cpu < 0) fdl_bf16k_cpu = fdl_bf16k_detect();
+    if (fdl_bf16k_cpu < 0) {
+        const int ok = fdl_bf16k_detect();
+        if (ok) pthread_atfork(0, 0, fdl_bf16k_atfork_child);
+        fdl_bf16k_cpu = ok;
+    }
     return fdl_bf16k_cpu;
 #else
     return 0;

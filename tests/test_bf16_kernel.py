@@ -333,3 +333,36 @@ def test_compiled_backends_run_the_kernel(kernel, backend):
         _blas.set_bf16_kernel(mode)
         K.dense_forward(A, W, np.zeros(n_out, np.float32), 0, out, 1)
         assert np.all(out == 0) == flushed, (backend, mode, out[0, 0])
+
+
+_FORK_CODE = textwrap.dedent("""
+    import os, sys, numpy as np, fastdl as fd
+    from fastdl.backends import blas
+    blas.select()
+    from fastdl._kernels import _blas
+    _blas.set_bf16_kernel(2)
+    rng = np.random.default_rng(4)
+    A = rng.standard_normal((300, 400)).astype(np.float32)
+    B = rng.standard_normal((400, 500)).astype(np.float32)
+    C = np.empty((300, 500), np.float32)
+    with fd.backends.use("auto", threads=2):
+        _blas.gemm_bf16(A, B, C)          # the parent has run a 2-thread OpenMP region
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        C2 = np.empty_like(C)
+        with fd.backends.use("auto", threads=2):
+            _blas.gemm_bf16(A, B, C2)     # GNU OpenMP would hang here in a 2-thread region
+        os.write(w, b"same" if C2.tobytes() == C.tobytes() else b"diff")
+        os._exit(0)
+    os.waitpid(pid, 0)
+    print(os.read(r, 4).decode())
+""")
+
+
+@needs_kernel
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork() on this platform")
+def test_forked_child_runs_the_kernel_serially():
+    """GNU OpenMP is not fork-safe: in a fork()ed child the kernel runs on the calling thread (same bits)."""
+    p = subprocess.run([sys.executable, "-c", _FORK_CODE], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and p.stdout.strip() == "same", p.stdout + p.stderr
