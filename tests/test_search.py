@@ -311,6 +311,17 @@ def test_regression_is_scored_by_dev_loss():
     assert all(t.dev_error is None and t.score == t.dev_loss for t in r.trials)
 
 
+def test_poisson_regression_is_scored_by_dev_loss():
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((200, 3)).astype(np.float32)
+    y = rng.poisson(np.exp(0.5 * X[:, 0] + 1.0)).astype(np.float32)
+    r = search({"lr": LogUniform(1e-3, 1e-2), "epochs": 2, "units": 4}, X, y, n_trials=2, n_jobs=1,
+               loss="poisson", backend="reference", refit=True)
+    assert r.score_name == "dev_loss"
+    assert all(t.dev_error is None and np.isfinite(t.score) and t.score == t.dev_loss for t in r.trials)
+    assert r.best_model.loss.name == "poisson" and np.all(r.best_model.predict(X) > 0)
+
+
 def test_table_and_records(serial):
     text = serial.table()
     lines = text.splitlines()

@@ -15,7 +15,7 @@
 
 Every trial builds an MLP from its settings (:func:`fastdl.cli.build_mlp`),
 trains it with ``fit`` and is scored on the dev set (error rate for
-classifiers, mean loss for ``mse``). After each round the ranges shrink
+classifiers, mean dev loss for regression (``mse``, ``poisson``)). After each round the ranges shrink
 around the ``top_k`` best trials so far and the next round samples again.
 
 Reproducibility: the samples of trial ``i`` of round ``r`` come from

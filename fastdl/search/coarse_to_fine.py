@@ -8,10 +8,13 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from ..plan import LOSS_CODES, REGRESSION_LOSSES
 from .result import SearchResult, _fmt
 from .samplers import _int, _real
 from .space import _check_space, _trial_seed, sample_space, shrink_space
 from .trials import Trial, _build, _dask_client, _execute, _run_trial, _Task, _TrialData
+
+_REGRESSION = frozenset(name for name, code in LOSS_CODES.items() if code in REGRESSION_LOSSES)
 
 
 def _n_outputs(loss: str, y_train: np.ndarray, y_dev: np.ndarray) -> int:
@@ -22,9 +25,9 @@ def _n_outputs(loss: str, y_train: np.ndarray, y_dev: np.ndarray) -> int:
         return int(max(np.max(y_train), np.max(y_dev) if len(y_dev) else 0)) + 1
     if loss == "binary_cross_entropy":
         return 1
-    if loss == "mse":
+    if loss in _REGRESSION:
         return 1 if y_train.ndim == 1 else int(y_train.shape[1])
-    raise ValueError(f"unknown loss {loss!r}; choose softmax_cross_entropy, binary_cross_entropy or mse")
+    raise ValueError(f"unknown loss {loss!r}; choose softmax_cross_entropy, binary_cross_entropy, mse or poisson")
 
 
 def search(space: Mapping[str, Any], X, y, *, validation_data: "tuple[Any, Any] | None" = None,
@@ -156,6 +159,6 @@ def search(space: Mapping[str, Any], X, y, *, validation_data: "tuple[Any, Any] 
         task = _Task(best_trial.id, best_trial.round, best_trial.seed, dict(best_trial.settings), loss, n_out,
                      backend, dtype)
         _, best_model = _run_trial(task, data, return_model=True)
-    score_name = "dev_error" if best_trial.dev_error is not None or loss != "mse" else "dev_loss"
+    score_name = "dev_error" if best_trial.dev_error is not None or loss not in _REGRESSION else "dev_loss"
     return SearchResult(trials, best_trial, best_model, dict(space), round_spaces, score_name, int(seed),
                         time.perf_counter() - t_start, executor)
