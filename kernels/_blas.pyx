@@ -176,7 +176,8 @@ cdef void bf16gemm_rm(int trans_a, int trans_b, int M, int N, int K, float alpha
                               <unsigned short*>pa, ca, <unsigned short*>pb, cb, beta, C, ldc)
         return
     if _bf16_kernel == 2 or (_bf16_kernel == 1 and <double>M * N * K > BF16K_MNK):
-        # packs (and rounds) both operands itself; threads: fastdl's OpenMP count, results independent of it
+        # packs (and rounds) both operands itself; threads: fastdl's OpenMP count (its own helper threads),
+        # results independent of it
         if fdl_bf16k_gemm(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, fastdl_max_threads()) != 0:
             abort()   # packing buffer not allocated (set_bf16_kernel only enables an available kernel)
         return

@@ -15,10 +15,12 @@
  *   (A[m][2p], A[m][2p+1]), broadcast as one 32-bit word. Odd K: the last pair's second element is a
  *   zero pad. The 14x32 micro-kernel keeps 28 zmm accumulators over the full K (no K blocking: every
  *   element of C is one register's sum over k in increasing pairs, then alpha/beta once), so the
- *   summation order of an element depends only on K. Threads (OpenMP, fastdl's thread count) take
- *   whole panels to pack and whole blocks of output tiles to compute (dynamic schedule: a thread that
- *   the OS pauses on a shared machine does not hold the others up); which thread computes a tile never
- *   changes its bits, so results are identical run to run and for any number of threads.
+ *   summation order of an element depends only on K. Threads (fastdl's thread count, the OpenMP one
+ *   the caller passes) take whole panels to pack and whole blocks of output tiles to compute from an
+ *   atomic ticket: the calling thread works from the start and helper threads join when the OS runs
+ *   them (on shared cores an OpenMP barrier waiting for every thread measured slower than one thread).
+ *   Which thread computes a tile never changes its bits: results are identical run to run and for any
+ *   number of threads.
  * - Compiled only for x86-64 with GCC >= 10 or Clang >= 9 (the functions carry a target attribute, the
  *   rest of the extension stays baseline x86-64) and used only when CPUID reports AVX512-F/BW/VL and
  *   AVX512_BF16 and the OS saves zmm state (XCR0). Elsewhere fdl_bf16k_available() is 0.
@@ -46,10 +48,10 @@
 #include <cpuid.h>
 #include <immintrin.h>
 #include <pthread.h>
+#include <sched.h>
 
-/* Set in a fork()ed child: GNU OpenMP is not fork-safe (a child whose parent ran a parallel region hangs
-   in its next multi-threaded one), so the kernel runs on the calling thread only there (as fastdl's Numba
-   kernels do, fastdl/backends/numba/_chunks.py). */
+/* Set in a fork()ed child: the helper threads of the parent do not exist there, so the kernel runs on the
+   calling thread only (as fastdl's Numba kernels do, fastdl/backends/numba/_chunks.py). */
 static volatile int fdl_bf16k_forked = 0;
 static void fdl_bf16k_atfork_child(void) { fdl_bf16k_forked = 1; }
 
@@ -228,72 +230,176 @@ static void* fdl_bf16k_scratch(size_t bytes) {
 #define FDL_BF16K_L2_A 196608
 #define FDL_BF16K_L2_B 262144
 
+/* One GEMM call as a list of tasks: [0, nnp) pack a B panel, [nnp, npack) pack an A panel, then the
+   output blocks (each needs every panel packed). Any thread may run any task: a task's bits do not
+   depend on which thread runs it. */
+typedef struct {
+    int ta, tb, M, N, K, lda, ldb, ldc, kp, nmp, nnp, mb, nb, gm, npack, ntasks, helpers;
+    float alpha, beta;
+    const float* A;
+    const float* B;
+    float* C;
+    uint32_t* pa;
+    uint32_t* pb;
+    size_t a_words, b_words;
+} fdl_bf16k_job;
+
+FDL_BF16K_TARGET static void fdl_bf16k_task(const fdl_bf16k_job* j, int t) {
+    if (t < j->nnp) {
+        const int n0 = t * FDL_BF16K_NR, w = j->N - n0 < FDL_BF16K_NR ? j->N - n0 : FDL_BF16K_NR;
+        if (j->tb)
+            fdl_bf16k_pack_rows(j->B + (size_t)n0 * j->ldb, (size_t)j->ldb, j->K, w, FDL_BF16K_NR, j->pb + j->b_words * t);
+        else
+            fdl_bf16k_pack_cols(j->B + n0, (size_t)j->ldb, j->K, w, FDL_BF16K_NR, j->pb + j->b_words * t);
+    } else if (t < j->npack) {
+        const int i = t - j->nnp, m0 = i * FDL_BF16K_MR, h = j->M - m0 < FDL_BF16K_MR ? j->M - m0 : FDL_BF16K_MR;
+        if (j->ta)
+            fdl_bf16k_pack_cols(j->A + m0, (size_t)j->lda, j->K, h, FDL_BF16K_MR, j->pa + j->a_words * i);
+        else
+            fdl_bf16k_pack_rows(j->A + (size_t)m0 * j->lda, (size_t)j->lda, j->K, h, FDL_BF16K_MR, j->pa + j->a_words * i);
+    } else {
+        const int blk = t - j->npack, bi = blk % j->gm, bj = blk / j->gm;
+        const int i1 = (bi + 1) * j->mb < j->nmp ? (bi + 1) * j->mb : j->nmp;
+        const int j1 = (bj + 1) * j->nb < j->nnp ? (bj + 1) * j->nb : j->nnp;
+        for (int jj = bj * j->nb; jj < j1; jj++) {
+            const int n0 = jj * FDL_BF16K_NR;
+            const __mmask16 c0m = fdl_bf16k_mask(j->N - n0), c1m = fdl_bf16k_mask(j->N - n0 - 16);
+            for (int i = bi * j->mb; i < i1; i++) {
+                const int m0 = i * FDL_BF16K_MR, mr = j->M - m0 < FDL_BF16K_MR ? j->M - m0 : FDL_BF16K_MR;
+                fdl_bf16k_micro(j->kp, j->pa + j->a_words * i, j->pb + j->b_words * jj, j->C + (size_t)m0 * j->ldc + n0,
+                                (size_t)j->ldc, mr, c0m, c1m, j->alpha, j->beta);
+            }
+        }
+    }
+}
+
+/* A small pool of helper threads that JOIN a call late rather than being waited for. On a machine whose
+   cores are shared (or oversubscribed), an OpenMP team's end-of-region barrier waits until every thread
+   has been scheduled, which measured 1.5x slower here than one thread; here the calling thread claims tasks
+   itself (an atomic ticket: generation << 32 | next task) and only waits for tasks a helper has already
+   claimed. Helpers spin briefly for the next call (the GEMMs of a step come back to back), then sleep. */
+#define FDL_BF16K_MAX_HELPERS 63
+static struct {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    pthread_mutex_t caller;   /* one multi-threaded call at a time; a concurrent caller runs serially */
+    int nhelpers;
+    uint32_t gen;             /* job generation (never 0), written under mu */
+    fdl_bf16k_job job;        /* the job of generation gen, written under mu */
+    uint64_t ticket;          /* atomic: gen << 32 | next unclaimed task */
+    int packed, done;         /* atomic: packing tasks done, tasks done (of the current generation) */
+} fdl_bf16k_pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, PTHREAD_MUTEX_INITIALIZER, 0, 0, {0}, 0, 0, 0};
+
+static inline void fdl_bf16k_relax(int* spins) {
+    if (++*spins < 2000) _mm_pause(); else sched_yield();
+}
+
+/* Claim and run tasks of generation gen until none is left (or a newer generation was published). */
+FDL_BF16K_TARGET static void fdl_bf16k_run(const fdl_bf16k_job* j, uint32_t gen) {
+    for (;;) {
+        uint64_t t = __atomic_load_n(&fdl_bf16k_pool.ticket, __ATOMIC_ACQUIRE);
+        for (;;) {
+            if ((uint32_t)(t >> 32) != gen || (int)(uint32_t)t >= j->ntasks) return;
+            if (__atomic_compare_exchange_n(&fdl_bf16k_pool.ticket, &t, t + 1, 1, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+                break;
+        }
+        const int task = (int)(uint32_t)t;
+        if (task >= j->npack) {   /* an output block: every panel must be packed (claimed ones are in progress) */
+            int spins = 0;
+            while (__atomic_load_n(&fdl_bf16k_pool.packed, __ATOMIC_ACQUIRE) < j->npack) fdl_bf16k_relax(&spins);
+        }
+        fdl_bf16k_task(j, task);
+        if (task < j->npack) __atomic_fetch_add(&fdl_bf16k_pool.packed, 1, __ATOMIC_RELEASE);
+        __atomic_fetch_add(&fdl_bf16k_pool.done, 1, __ATOMIC_RELEASE);
+    }
+}
+
+FDL_BF16K_TARGET static void* fdl_bf16k_helper(void* arg) {
+    const int index = (int)(intptr_t)arg;
+    uint32_t seen = 0;
+    for (;;) {
+        fdl_bf16k_job j;
+        uint32_t g;
+        for (int s = 0; s < 4000 && __atomic_load_n(&fdl_bf16k_pool.gen, __ATOMIC_ACQUIRE) == seen; s++) _mm_pause();
+        pthread_mutex_lock(&fdl_bf16k_pool.mu);
+        while (fdl_bf16k_pool.gen == seen) pthread_cond_wait(&fdl_bf16k_pool.cv, &fdl_bf16k_pool.mu);
+        g = fdl_bf16k_pool.gen;
+        j = fdl_bf16k_pool.job;
+        pthread_mutex_unlock(&fdl_bf16k_pool.mu);
+        seen = g;
+        if (index < j.helpers) fdl_bf16k_run(&j, g);   /* the call's thread count: helpers beyond it stay out */
+    }
+    return 0;
+}
+
+FDL_BF16K_TARGET static void fdl_bf16k_execute(fdl_bf16k_job* jb, int nt) {
+    if (nt > 1 && !fdl_bf16k_forked && pthread_mutex_trylock(&fdl_bf16k_pool.caller) == 0) {
+        uint32_t g;
+        if (nt - 1 > FDL_BF16K_MAX_HELPERS) nt = FDL_BF16K_MAX_HELPERS + 1;
+        while (fdl_bf16k_pool.nhelpers < nt - 1) {
+            pthread_t th;
+            pthread_attr_t at;
+            int ok;
+            pthread_attr_init(&at);
+            pthread_attr_setdetachstate(&at, PTHREAD_CREATE_DETACHED);
+            ok = pthread_create(&th, &at, fdl_bf16k_helper, (void*)(intptr_t)fdl_bf16k_pool.nhelpers) == 0;
+            pthread_attr_destroy(&at);
+            if (!ok) break;   /* fewer helpers: the same results, later */
+            fdl_bf16k_pool.nhelpers++;
+        }
+        jb->helpers = nt - 1 < fdl_bf16k_pool.nhelpers ? nt - 1 : fdl_bf16k_pool.nhelpers;
+        pthread_mutex_lock(&fdl_bf16k_pool.mu);
+        g = fdl_bf16k_pool.gen + 1 == 0 ? 1 : fdl_bf16k_pool.gen + 1;
+        fdl_bf16k_pool.job = *jb;
+        __atomic_store_n(&fdl_bf16k_pool.packed, 0, __ATOMIC_RELAXED);
+        __atomic_store_n(&fdl_bf16k_pool.done, 0, __ATOMIC_RELAXED);
+        __atomic_store_n(&fdl_bf16k_pool.ticket, (uint64_t)g << 32, __ATOMIC_RELEASE);
+        __atomic_store_n(&fdl_bf16k_pool.gen, g, __ATOMIC_RELEASE);
+        pthread_cond_broadcast(&fdl_bf16k_pool.cv);
+        pthread_mutex_unlock(&fdl_bf16k_pool.mu);
+        fdl_bf16k_run(jb, g);
+        {   /* every task is claimed; wait only for those a helper is still running */
+            int spins = 0;
+            while (__atomic_load_n(&fdl_bf16k_pool.done, __ATOMIC_ACQUIRE) < jb->ntasks) fdl_bf16k_relax(&spins);
+        }
+        pthread_mutex_unlock(&fdl_bf16k_pool.caller);
+        return;
+    }
+    for (int t = 0; t < jb->ntasks; t++) fdl_bf16k_task(jb, t);
+}
+
 FDL_BF16K_TARGET static int fdl_bf16k_gemm_impl(int ta, int tb, int M, int N, int K, float alpha, const float* A,
                                                int lda, const float* B, int ldb, float beta, float* C, int ldc,
                                                int nthreads) {
-    const int kp = (K + 1) / 2;
-    const int nmp = (M + FDL_BF16K_MR - 1) / FDL_BF16K_MR, nnp = (N + FDL_BF16K_NR - 1) / FDL_BF16K_NR;
-    const size_t a_words = (size_t)kp * FDL_BF16K_MR, b_words = (size_t)kp * FDL_BF16K_NR;   /* per panel */
-    uint32_t* pa;
-    uint32_t* pb = (uint32_t*)fdl_bf16k_scratch(4 * (a_words * nmp + b_words * nnp));
-    if (!pb) return -1;
-    pa = pb + b_words * nnp;
-    int mb = (int)(FDL_BF16K_L2_A / (4 * a_words)), nb = (int)(FDL_BF16K_L2_B / (4 * b_words));
+    fdl_bf16k_job j;
+    j.ta = ta; j.tb = tb; j.M = M; j.N = N; j.K = K; j.lda = lda; j.ldb = ldb; j.ldc = ldc;
+    j.alpha = alpha; j.beta = beta; j.A = A; j.B = B; j.C = C;
+    j.kp = (K + 1) / 2;
+    j.nmp = (M + FDL_BF16K_MR - 1) / FDL_BF16K_MR;
+    j.nnp = (N + FDL_BF16K_NR - 1) / FDL_BF16K_NR;
+    j.a_words = (size_t)j.kp * FDL_BF16K_MR;   /* per panel */
+    j.b_words = (size_t)j.kp * FDL_BF16K_NR;
+    j.pb = (uint32_t*)fdl_bf16k_scratch(4 * (j.a_words * j.nmp + j.b_words * j.nnp));
+    if (!j.pb) return -1;
+    j.pa = j.pb + j.b_words * j.nnp;
+    int mb = (int)(FDL_BF16K_L2_A / (4 * j.a_words)), nb = (int)(FDL_BF16K_L2_B / (4 * j.b_words));
     if (mb < 1) mb = 1;
     if (nb < 1) nb = 1;
-    if (mb > nmp) mb = nmp;
-    if (nb > nnp) nb = nnp;
+    if (mb > j.nmp) mb = j.nmp;
+    if (nb > j.nnp) nb = j.nnp;
     int nt = nthreads < 1 ? 1 : nthreads;
-    /* Below ~2^21 multiply-adds a second thread costs more (fork/join, packing split) than it saves. */
+    /* Below ~2^21 multiply-adds a second thread costs more (wake-up, packing split) than it saves. */
     if ((double)M * N * K < 2097152.0) nt = 1;
     /* at least ~4 blocks per thread, so that the last blocks (and a paused thread) do not leave others idle */
-    while (nt > 1 && ((nmp + mb - 1) / mb) * ((nnp + nb - 1) / nb) < 4 * nt && (mb > 1 || nb > 1)) {
+    while (nt > 1 && ((j.nmp + mb - 1) / mb) * ((j.nnp + nb - 1) / nb) < 4 * nt && (mb > 1 || nb > 1)) {
         if (mb >= nb) mb = (mb + 1) / 2; else nb = (nb + 1) / 2;
-        if (mb == 1 && nb == 1) break;
     }
-    const int gm = (nmp + mb - 1) / mb, gn = (nnp + nb - 1) / nb;
-    const int nblocks = gm * gn;
-    if (nt > nblocks + nmp) nt = nblocks + nmp;
-    if (fdl_bf16k_forked) nt = 1;
-#if defined(_OPENMP)
-#pragma omp parallel num_threads(nt) if (nt > 1)
-#endif
-    {
-#if defined(_OPENMP)
-#pragma omp for schedule(dynamic, 1)
-#endif
-        for (int t = 0; t < nnp + nmp; t++) {   /* pack B's panels, then A's */
-            if (t < nnp) {
-                const int j = t, n0 = j * FDL_BF16K_NR, w = N - n0 < FDL_BF16K_NR ? N - n0 : FDL_BF16K_NR;
-                if (tb)
-                    fdl_bf16k_pack_rows(B + (size_t)n0 * ldb, (size_t)ldb, K, w, FDL_BF16K_NR, pb + b_words * j);
-                else
-                    fdl_bf16k_pack_cols(B + n0, (size_t)ldb, K, w, FDL_BF16K_NR, pb + b_words * j);
-            } else {
-                const int i = t - nnp, m0 = i * FDL_BF16K_MR, h = M - m0 < FDL_BF16K_MR ? M - m0 : FDL_BF16K_MR;
-                if (ta)
-                    fdl_bf16k_pack_cols(A + m0, (size_t)lda, K, h, FDL_BF16K_MR, pa + a_words * i);
-                else
-                    fdl_bf16k_pack_rows(A + (size_t)m0 * lda, (size_t)lda, K, h, FDL_BF16K_MR, pa + a_words * i);
-            }
-        }
-#if defined(_OPENMP)
-#pragma omp for schedule(dynamic, 1)
-#endif
-        for (int blk = 0; blk < nblocks; blk++) {
-            const int bi = blk % gm, bj = blk / gm;
-            const int i1 = (bi + 1) * mb < nmp ? (bi + 1) * mb : nmp, j1 = (bj + 1) * nb < nnp ? (bj + 1) * nb : nnp;
-            for (int j = bj * nb; j < j1; j++) {
-                const int n0 = j * FDL_BF16K_NR;
-                const __mmask16 c0m = fdl_bf16k_mask(N - n0), c1m = fdl_bf16k_mask(N - n0 - 16);
-                for (int i = bi * mb; i < i1; i++) {
-                    const int m0 = i * FDL_BF16K_MR, mr = M - m0 < FDL_BF16K_MR ? M - m0 : FDL_BF16K_MR;
-                    fdl_bf16k_micro(kp, pa + a_words * i, pb + b_words * j, C + (size_t)m0 * ldc + n0, (size_t)ldc,
-                                    mr, c0m, c1m, alpha, beta);
-                }
-            }
-        }
-    }
+    j.mb = mb; j.nb = nb;
+    j.gm = (j.nmp + mb - 1) / mb;
+    j.npack = j.nnp + j.nmp;
+    j.ntasks = j.npack + j.gm * ((j.nnp + nb - 1) / nb);
+    j.helpers = 0;
+    fdl_bf16k_execute(&j, nt);
     return 0;
 }
 #endif /* FDL_BF16K_COMPILED */

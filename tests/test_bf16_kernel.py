@@ -366,3 +366,38 @@ def test_forked_child_runs_the_kernel_serially():
     """GNU OpenMP is not fork-safe: in a fork()ed child the kernel runs on the calling thread (same bits)."""
     p = subprocess.run([sys.executable, "-c", _FORK_CODE], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0 and p.stdout.strip() == "same", p.stdout + p.stderr
+
+
+@needs_kernel
+def test_concurrent_callers_get_the_same_bits(kernel):
+    """Two Python threads calling the kernel at once (the GIL is released): one uses the helper threads, the
+    other runs on its own thread; both get the bits of a lone call."""
+    import threading
+
+    import fastdl as fd
+
+    rng = np.random.default_rng(6)
+    shapes = [(300, 260, 211, 0, 0), (257, 300, 190, 1, 1)]
+    ops = [_operands(rng, M, N, K, ta, tb) for M, N, K, ta, tb in shapes]
+    want = []
+    for (A, B), (M, N, K, ta, tb) in zip(ops, shapes):
+        C = np.empty((M, N), np.float32)
+        _blas.gemm_bf16(A, B, C, ta, tb)
+        want.append(C.tobytes())
+    errors = []
+
+    def work(i: int) -> None:
+        (A, B), (M, N, K, ta, tb) = ops[i], shapes[i]
+        C = np.empty((M, N), np.float32)
+        for _ in range(20):
+            _blas.gemm_bf16(A, B, C, ta, tb)
+            if C.tobytes() != want[i]:
+                errors.append(i)
+
+    with fd.backends.use("auto", threads=2):
+        threads = [threading.Thread(target=work, args=(i,)) for i in (0, 1)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert not errors
