@@ -328,40 +328,47 @@ cdef void _softmax(const real* Z, real* out, Py_ssize_t m, Py_ssize_t k) noexcep
             softmax_rows(Z, out, c * per, min(m, (c + 1) * per), k)
 
 
-cdef double bce_c(const real* Z, const real2* y, real* dZ, bint grad, Py_ssize_t m, Py_ssize_t k,
-                  const double* w, double sw, double* row_loss) noexcept nogil:
+cdef enum:   # the element-wise losses: one row-parallel driver, one dtype dispatch
+    EW_BCE = 0
+    EW_POISSON = 1
+    EW_MSE = 2
+
+
+cdef double rowwise_c(int kind, const real* Z, const real2* Y, real* dZ, bint grad, Py_ssize_t m, Py_ssize_t k,
+                      const double* w, double sw, double* row_loss) noexcept nogil:
+    # rows split in nt contiguous ranges, row losses summed in row order: the same bits for any nt
     cdef int nt = row_threads(m, m * k, GRAIN_ROWS)
     cdef Py_ssize_t per, c
     if w != NULL and sw == 0.0:
         return zero_weights(dZ, grad, m * k)
     if nt <= 1:
-        bce_rows(Z, y, dZ, grad, 0, m, k, <double>m, w, sw, row_loss)
+        ew_rows(kind, Z, Y, dZ, grad, 0, m, k, <double>m, w, sw, row_loss)
     else:
         per = (m + nt - 1) // nt
         for c in prange(nt, num_threads=nt, schedule='static'):
             if c * per < m:
-                bce_rows(Z, y, dZ, grad, c * per, min(m, (c + 1) * per), k, <double>m, w, sw, row_loss)
+                ew_rows(kind, Z, Y, dZ, grad, c * per, min(m, (c + 1) * per), k, <double>m, w, sw, row_loss)
     if w != NULL:
         return ordered_sum(row_loss, m) / sw
     return ordered_sum(row_loss, m) / m
+
+
+cdef inline void ew_rows(int kind, const real* Z, const real2* Y, real* dZ, bint grad, Py_ssize_t r0, Py_ssize_t r1,
+                         Py_ssize_t k, double m, const double* w, double sw, double* row_loss) noexcept nogil:
+    if kind == EW_BCE:
+        bce_rows(Z, Y, dZ, grad, r0, r1, k, m, w, sw, row_loss)
+    else:
+        poisson_rows(Z, Y, dZ, grad, r0, r1, k, m, w, sw, row_loss)
+
+
+cdef double bce_c(const real* Z, const real2* y, real* dZ, bint grad, Py_ssize_t m, Py_ssize_t k,
+                  const double* w, double sw, double* row_loss) noexcept nogil:
+    return rowwise_c(EW_BCE, Z, y, dZ, grad, m, k, w, sw, row_loss)
 
 
 cdef double poisson_c(const real* Z, const real2* Y, real* dZ, bint grad, Py_ssize_t m, Py_ssize_t k,
                       const double* w, double sw, double* row_loss) noexcept nogil:
-    cdef int nt = row_threads(m, m * k, GRAIN_ROWS)
-    cdef Py_ssize_t per, c
-    if w != NULL and sw == 0.0:
-        return zero_weights(dZ, grad, m * k)
-    if nt <= 1:
-        poisson_rows(Z, Y, dZ, grad, 0, m, k, <double>m, w, sw, row_loss)
-    else:
-        per = (m + nt - 1) // nt
-        for c in prange(nt, num_threads=nt, schedule='static'):
-            if c * per < m:
-                poisson_rows(Z, Y, dZ, grad, c * per, min(m, (c + 1) * per), k, <double>m, w, sw, row_loss)
-    if w != NULL:
-        return ordered_sum(row_loss, m) / sw
-    return ordered_sum(row_loss, m) / m
+    return rowwise_c(EW_POISSON, Z, Y, dZ, grad, m, k, w, sw, row_loss)
 
 
 cdef tc_void mse_blocks(const real* Yh, const real2* Y, real* dZ, bint grad, Py_ssize_t n, Py_ssize_t b0,
@@ -401,6 +408,25 @@ cdef double mse_c(const real* Yh, const real2* Y, real* dZ, bint grad, Py_ssize_
             if c * per < nb:
                 mse_blocks(Yh, Y, dZ, grad, n, c * per, min(nb, (c + 1) * per), inv_m, partial)
     return 0.5 * ordered_sum(partial, nb) / m
+
+
+cdef double elementwise_c(int kind, const real* Z, const real2* Y, real* dZ, bint grad, Py_ssize_t m, Py_ssize_t k,
+                          const double* w, double sw, double* buf) noexcept nogil:
+    if kind == EW_MSE:
+        return mse_c(Z, Y, dZ, grad, m, k, w, sw, buf)
+    return rowwise_c(kind, Z, Y, dZ, grad, m, k, w, sw, buf)
+
+
+cdef double elementwise_any(int kind, int t, int ty, void* Z, void* Y, void* dZ, bint grad, Py_ssize_t m,
+                            Py_ssize_t k, const double* w, double sw, double* buf) noexcept nogil:
+    """``kind``'s loss on (float32 | float64) Z and dZ with (float32 | float64) targets Y."""
+    if t == cnp.NPY_FLOAT:
+        if ty == cnp.NPY_FLOAT:
+            return elementwise_c(kind, <float*>Z, <float*>Y, <float*>dZ, grad, m, k, w, sw, buf)
+        return elementwise_c(kind, <float*>Z, <double*>Y, <float*>dZ, grad, m, k, w, sw, buf)
+    if ty == cnp.NPY_FLOAT:
+        return elementwise_c(kind, <double*>Z, <float*>Y, <double*>dZ, grad, m, k, w, sw, buf)
+    return elementwise_c(kind, <double*>Z, <double*>Y, <double*>dZ, grad, m, k, w, sw, buf)
 
 
 # ------------------------------------------------------------------ Python entry points
@@ -517,20 +543,8 @@ def sigmoid_bce(Z, y, dZ, w=None):
     wp = weights_of(w, m, &sw)
     buf = loss_buffer(m)
     with nogil:
-        if t == cnp.NPY_FLOAT:
-            if ty == cnp.NPY_FLOAT:
-                loss = bce_c(<float*>data(Z), <float*>data(y), <float*>data(dZ) if grad else NULL, grad, m, k, wp,
-                             sw, buf)
-            else:
-                loss = bce_c(<float*>data(Z), <double*>data(y), <float*>data(dZ) if grad else NULL, grad, m, k, wp,
-                             sw, buf)
-        else:
-            if ty == cnp.NPY_FLOAT:
-                loss = bce_c(<double*>data(Z), <float*>data(y), <double*>data(dZ) if grad else NULL, grad, m, k,
-                             wp, sw, buf)
-            else:
-                loss = bce_c(<double*>data(Z), <double*>data(y), <double*>data(dZ) if grad else NULL, grad, m, k,
-                             wp, sw, buf)
+        loss = elementwise_any(EW_BCE, t, ty, data(Z), data(y), data(dZ) if grad else NULL, grad, m, k,
+                               wp, sw, buf)
     free(buf)
     return loss
 
@@ -557,20 +571,8 @@ def mse(Yhat, Y, dZ, w=None):
     wp = weights_of(w, m, &sw)
     buf = loss_buffer(loss_buffer_size(m, k))
     with nogil:
-        if t == cnp.NPY_FLOAT:
-            if ty == cnp.NPY_FLOAT:
-                loss = mse_c(<float*>data(Yhat), <float*>data(Y), <float*>data(dZ) if grad else NULL, grad, m, k,
-                             wp, sw, buf)
-            else:
-                loss = mse_c(<float*>data(Yhat), <double*>data(Y), <float*>data(dZ) if grad else NULL, grad, m, k,
-                             wp, sw, buf)
-        else:
-            if ty == cnp.NPY_FLOAT:
-                loss = mse_c(<double*>data(Yhat), <float*>data(Y), <double*>data(dZ) if grad else NULL, grad, m, k,
-                             wp, sw, buf)
-            else:
-                loss = mse_c(<double*>data(Yhat), <double*>data(Y), <double*>data(dZ) if grad else NULL, grad, m, k,
-                             wp, sw, buf)
+        loss = elementwise_any(EW_MSE, t, ty, data(Yhat), data(Y), data(dZ) if grad else NULL, grad, m, k,
+                               wp, sw, buf)
     free(buf)
     return loss
 
@@ -599,19 +601,7 @@ def poisson(Z, Y, dZ, w=None):
     wp = weights_of(w, m, &sw)
     buf = loss_buffer(m)
     with nogil:
-        if t == cnp.NPY_FLOAT:
-            if ty == cnp.NPY_FLOAT:
-                loss = poisson_c(<float*>data(Z), <float*>data(Y), <float*>data(dZ) if grad else NULL, grad, m, k,
-                                 wp, sw, buf)
-            else:
-                loss = poisson_c(<float*>data(Z), <double*>data(Y), <float*>data(dZ) if grad else NULL, grad, m, k,
-                                 wp, sw, buf)
-        else:
-            if ty == cnp.NPY_FLOAT:
-                loss = poisson_c(<double*>data(Z), <float*>data(Y), <double*>data(dZ) if grad else NULL, grad, m,
-                                 k, wp, sw, buf)
-            else:
-                loss = poisson_c(<double*>data(Z), <double*>data(Y), <double*>data(dZ) if grad else NULL, grad, m,
-                                 k, wp, sw, buf)
+        loss = elementwise_any(EW_POISSON, t, ty, data(Z), data(Y), data(dZ) if grad else NULL, grad, m, k,
+                               wp, sw, buf)
     free(buf)
     return loss
