@@ -89,18 +89,28 @@ static inline __mmask16 fdl_bf16k_mask(int n) {   /* the first n (clamped to 0..
     return n >= 16 ? (__mmask16)0xffff : n <= 0 ? (__mmask16)0 : (__mmask16)((1u << n) - 1u);
 }
 
-/* Panel of width W (columns of op(B), or rows of op(A)) whose K-pairs come from two consecutive source
-   rows: src = element (k=0, column 0), ld = source row stride; w <= W valid columns (the rest zero). */
-FDL_BF16K_TARGET static void fdl_bf16k_pack_cols(const float* src, size_t ld, int K, int w, int W, uint32_t* dst) {
-    const int kp = (K + 1) / 2;
-    for (int p = 0; p < kp; p++) {
+/* Pairs [p0, p1) of every panel of width W (columns of op(B), or rows of op(A)) of an operand whose K-pairs
+   come from two consecutive source rows: src = element (k=0, column 0), ld = source row stride, N columns
+   (the last panel's columns past N are zero), panel j at dst + j * panel_words. The two source rows are
+   read contiguously: going down K rows of one panel at a time (rows often a page or more apart) packed at
+   half the speed. */
+#define FDL_BF16K_PAIRS_PER_TASK 16
+FDL_BF16K_TARGET static void fdl_bf16k_pack_cols_range(const float* src, size_t ld, int K, int N, int W, int p0, int p1,
+                                                      uint32_t* dst, size_t panel_words) {
+    const int np = (N + W - 1) / W;
+    for (int p = p0; p < p1; p++) {
         const float* s0 = src + (size_t)(2 * p) * ld;
         const int odd = 2 * p + 1 < K;
-        for (int c = 0; c < W; c += 16) {
-            const __mmask16 ml = fdl_bf16k_mask(w - c), ms = fdl_bf16k_mask(W - c);
-            const __m512i r0 = fdl_bf16k_round(_mm512_maskz_loadu_ps(ml, s0 + c));
-            const __m512i r1 = odd ? fdl_bf16k_round(_mm512_maskz_loadu_ps(ml, s0 + ld + c)) : _mm512_setzero_si512();
-            _mm512_mask_storeu_epi32(dst + (size_t)p * W + c, ms, _mm512_or_si512(r0, _mm512_slli_epi32(r1, 16)));
+        for (int j = 0; j < np; j++) {
+            const int w = N - j * W;
+            for (int c = 0; c < W; c += 16) {
+                const __mmask16 ml = fdl_bf16k_mask(w - c), ms = fdl_bf16k_mask(W - c);
+                const __m512i r0 = fdl_bf16k_round(_mm512_maskz_loadu_ps(ml, s0 + (size_t)j * W + c));
+                const __m512i r1 = odd ? fdl_bf16k_round(_mm512_maskz_loadu_ps(ml, s0 + ld + (size_t)j * W + c))
+                                       : _mm512_setzero_si512();
+                _mm512_mask_storeu_epi32(dst + panel_words * j + (size_t)p * W + c, ms,
+                                         _mm512_or_si512(r0, _mm512_slli_epi32(r1, 16)));
+            }
         }
     }
 }
@@ -230,11 +240,12 @@ static void* fdl_bf16k_scratch(size_t bytes) {
 #define FDL_BF16K_L2_A 196608
 #define FDL_BF16K_L2_B 262144
 
-/* One GEMM call as a list of tasks: [0, nnp) pack a B panel, [nnp, npack) pack an A panel, then the
-   output blocks (each needs every panel packed). Any thread may run any task: a task's bits do not
-   depend on which thread runs it. */
+/* One GEMM call as a list of tasks: [0, nbt) pack B (a panel, or with B not transposed a range of
+   FDL_BF16K_PAIRS_PER_TASK K-pairs of every panel), [nbt, npack) pack A (likewise: a panel, or with A
+   transposed a range of pairs), then the output blocks (each needs every panel packed). Any thread may run
+   any task: a task's bits do not depend on which thread runs it. */
 typedef struct {
-    int ta, tb, M, N, K, lda, ldb, ldc, kp, nmp, nnp, mb, nb, gm, npack, ntasks, helpers;
+    int ta, tb, M, N, K, lda, ldb, ldc, kp, nmp, nnp, mb, nb, gm, nbt, npack, ntasks, helpers;
     float alpha, beta;
     const float* A;
     const float* B;
@@ -245,18 +256,25 @@ typedef struct {
 } fdl_bf16k_job;
 
 FDL_BF16K_TARGET static void fdl_bf16k_task(const fdl_bf16k_job* j, int t) {
-    if (t < j->nnp) {
-        const int n0 = t * FDL_BF16K_NR, w = j->N - n0 < FDL_BF16K_NR ? j->N - n0 : FDL_BF16K_NR;
-        if (j->tb)
+    if (t < j->nbt) {
+        if (j->tb) {
+            const int n0 = t * FDL_BF16K_NR, w = j->N - n0 < FDL_BF16K_NR ? j->N - n0 : FDL_BF16K_NR;
             fdl_bf16k_pack_rows(j->B + (size_t)n0 * j->ldb, (size_t)j->ldb, j->K, w, FDL_BF16K_NR, j->pb + j->b_words * t);
-        else
-            fdl_bf16k_pack_cols(j->B + n0, (size_t)j->ldb, j->K, w, FDL_BF16K_NR, j->pb + j->b_words * t);
+        } else {
+            const int p0 = t * FDL_BF16K_PAIRS_PER_TASK;
+            const int p1 = p0 + FDL_BF16K_PAIRS_PER_TASK < j->kp ? p0 + FDL_BF16K_PAIRS_PER_TASK : j->kp;
+            fdl_bf16k_pack_cols_range(j->B, (size_t)j->ldb, j->K, j->N, FDL_BF16K_NR, p0, p1, j->pb, j->b_words);
+        }
     } else if (t < j->npack) {
-        const int i = t - j->nnp, m0 = i * FDL_BF16K_MR, h = j->M - m0 < FDL_BF16K_MR ? j->M - m0 : FDL_BF16K_MR;
-        if (j->ta)
-            fdl_bf16k_pack_cols(j->A + m0, (size_t)j->lda, j->K, h, FDL_BF16K_MR, j->pa + j->a_words * i);
-        else
+        const int i = t - j->nbt;
+        if (j->ta) {
+            const int p0 = i * FDL_BF16K_PAIRS_PER_TASK;
+            const int p1 = p0 + FDL_BF16K_PAIRS_PER_TASK < j->kp ? p0 + FDL_BF16K_PAIRS_PER_TASK : j->kp;
+            fdl_bf16k_pack_cols_range(j->A, (size_t)j->lda, j->K, j->M, FDL_BF16K_MR, p0, p1, j->pa, j->a_words);
+        } else {
+            const int m0 = i * FDL_BF16K_MR, h = j->M - m0 < FDL_BF16K_MR ? j->M - m0 : FDL_BF16K_MR;
             fdl_bf16k_pack_rows(j->A + (size_t)m0 * j->lda, (size_t)j->lda, j->K, h, FDL_BF16K_MR, j->pa + j->a_words * i);
+        }
     } else {
         const int blk = t - j->npack, bi = blk % j->gm, bj = blk / j->gm;
         const int i1 = (bi + 1) * j->mb < j->nmp ? (bi + 1) * j->mb : j->nmp;
@@ -396,7 +414,11 @@ FDL_BF16K_TARGET static int fdl_bf16k_gemm_impl(int ta, int tb, int M, int N, in
     }
     j.mb = mb; j.nb = nb;
     j.gm = (j.nmp + mb - 1) / mb;
-    j.npack = j.nnp + j.nmp;
+    {   /* packing tasks: per panel, or per range of K-pairs over every panel (see fdl_bf16k_task) */
+        const int ranges = (j.kp + FDL_BF16K_PAIRS_PER_TASK - 1) / FDL_BF16K_PAIRS_PER_TASK;
+        j.nbt = tb ? j.nnp : ranges;
+        j.npack = j.nbt + (ta ? ranges : j.nmp);
+    }
     j.ntasks = j.npack + j.gm * ((j.nnp + nb - 1) / nb);
     j.helpers = 0;
     fdl_bf16k_execute(&j, nt);
