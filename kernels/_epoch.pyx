@@ -163,7 +163,9 @@ cdef real* forward(Run* r, const real* xb, Py_ssize_t m, uint64_t step) noexcept
         if op.kind == OP_DENSE:
             if real is float:
                 if op.prec == 1:   # bf16, each operand rounded once (docs/spec.md section 13); W: see run_epoch_c
-                    dense_forward_bf16_c(x, ws + op.xr, j == 0 or r.ops[j - 1].outr < 0, ws + op.wr,
+                    # the first op's input is gathered rounded (run_epoch_c); a Dense's is rounded by the Dense
+                    # before it (outr), else here
+                    dense_forward_bf16_c(x, ws + op.xr, j > 0 and r.ops[j - 1].outr < 0, ws + op.wr,
                                          params + op.p1 if op.has_b else NULL, op.has_b, op.act, out,
                                          ws + op.outr if op.outr >= 0 else NULL, <int>m, op.n_in, op.n_out)
                     x = out
@@ -267,6 +269,10 @@ cdef void run_epoch_c(Run* r, real* typed) noexcept nogil:
     cdef int max_nt = fastdl_max_threads(), d, bad
     cdef double loss, sw = 0.0, m_l2, l2_term, ss = 0.0, part, J
     cdef const double* wp = NULL
+    cdef float* x0r = NULL
+    if real is float:
+        if r.ops[0].kind == OP_DENSE and r.ops[0].prec == 1:
+            x0r = <float*>r.ws + r.ops[0].xr
     if r.l2 != 0.0:
         # sum ||W||^2 of the first step; each optimiser step then returns that of the next one
         for d in range(r.n_dense):
@@ -280,7 +286,10 @@ cdef void run_epoch_c(Run* r, real* typed) noexcept nogil:
         m = r.n_rows - s0 if r.n_rows - s0 < B else B
         for i in range(m):                      # gather the batch in perm order
             src = r.perm[s0 + i]
-            memcpy(xb + i * nf, X + src * nf, nf * sizeof(real))
+            if x0r != NULL:   # bf16 Dense first: only its rounded input is read (Z and dW), gathered rounded
+                round_bf16_c(<const float*>X + src * nf, x0r + i * nf, nf)
+            else:
+                memcpy(xb + i * nf, X + src * nf, nf * sizeof(real))
             if r.loss == LOSS_SOFTMAX_CE:
                 ybi[i] = yi[src]
             else:
