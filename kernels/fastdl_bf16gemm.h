@@ -215,24 +215,42 @@ FDL_BF16K_TARGET static void fdl_bf16k_micro(int kp, const uint32_t* a, const ui
     FDL_BF16K_STORE(10) FDL_BF16K_STORE(11) FDL_BF16K_STORE(12) FDL_BF16K_STORE(13)
 }
 
-/* Per-calling-thread packing buffer (64-byte aligned), grown to the largest call and reused. */
-#if defined(_MSC_VER)
-#define FDL_BF16K_TLS __declspec(thread)
-#else
-#define FDL_BF16K_TLS __thread
-#endif
-static FDL_BF16K_TLS void* fdl_bf16k_buf = 0;
-static FDL_BF16K_TLS size_t fdl_bf16k_cap = 0;
+/* Per-calling-thread packing buffer (64-byte aligned), grown to the largest call and reused; freed when
+   the thread exits (a pthread key's destructor), so threads that come and go leave nothing behind. */
+typedef struct { void* p; size_t cap; } fdl_bf16k_buf_t;
+static pthread_key_t fdl_bf16k_key;
+static pthread_once_t fdl_bf16k_key_once = PTHREAD_ONCE_INIT;
+static int fdl_bf16k_key_ok = 0;
+
+static void fdl_bf16k_buf_free(void* b) {
+    if (b) {
+        free(((fdl_bf16k_buf_t*)b)->p);
+        free(b);
+    }
+}
+
+static void fdl_bf16k_key_make(void) { fdl_bf16k_key_ok = pthread_key_create(&fdl_bf16k_key, fdl_bf16k_buf_free) == 0; }
 
 static void* fdl_bf16k_scratch(size_t bytes) {
-    if (bytes > fdl_bf16k_cap) {
+    fdl_bf16k_buf_t* b;
+    pthread_once(&fdl_bf16k_key_once, fdl_bf16k_key_make);
+    if (!fdl_bf16k_key_ok) return 0;
+    b = (fdl_bf16k_buf_t*)pthread_getspecific(fdl_bf16k_key);
+    if (!b) {
+        b = (fdl_bf16k_buf_t*)calloc(1, sizeof(*b));
+        if (!b || pthread_setspecific(fdl_bf16k_key, b) != 0) {
+            free(b);
+            return 0;
+        }
+    }
+    if (bytes > b->cap) {
         void* p = 0;
         if (posix_memalign(&p, 64, bytes) != 0) return 0;
-        free(fdl_bf16k_buf);
-        fdl_bf16k_buf = p;
-        fdl_bf16k_cap = bytes;
+        free(b->p);
+        b->p = p;
+        b->cap = bytes;
     }
-    return fdl_bf16k_buf;
+    return b->p;
 }
 
 /* Block sizes (in panels) of the tile loop: a block's A panels (MB x 14 rows) and B panels (NB x 32
