@@ -18,8 +18,11 @@ for both at once.
 ``bf16gemm_rm`` is the float32 GEMM of ``precision="bf16"`` (docs/spec.md
 "Mixed precision"): both operands rounded to bfloat16, products accumulated
 in float32, through MKL's ``cblas_gemm_bf16bf16f32`` when it is routed here
-(:func:`set_bf16_gemm`), else by rounding the operands and calling
-``sgemm_rm`` (the same numbers up to float32 accumulation order).
+(:func:`set_bf16_gemm`), else through fastdl's own AVX512-BF16 kernel
+(kernels/fastdl_bf16gemm.h, :func:`set_bf16_kernel`) on CPUs with that
+instruction, else by rounding the operands and calling ``sgemm_rm`` (the same
+numbers up to float32 accumulation order). ``bf16gemm_pre_rm`` is the same
+for operands already rounded (same routing, same bits).
 """
 from libc.string cimport memset
 from scipy.linalg cimport cython_blas
