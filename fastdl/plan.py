@@ -276,6 +276,24 @@ class Plan:
         return [dict(op.__dict__) for op in self.ops]
 
 
+def route_bf16(iprog: np.ndarray, batch_size: int, packs) -> np.ndarray:
+    """``iprog`` for an executor: bf16 Dense ops whose GEMMs take a kernel that packs (and rounds) its
+    operands itself lose their rounded-operand columns (``I_XR = I_WR = -1``, the Dense before them
+    ``I_OUTR = -1``) and run the per-GEMM rounding path instead; the others keep them.
+
+    ``packs(M, N, K)``: whether a bf16 product of that shape goes to such a kernel (the three GEMMs of a
+    Dense op have the same ``M * N * K``). Only speed depends on this: both paths compute the same bits
+    (docs/spec.md section 13), so a route changed later needs no new table.
+    """
+    out = iprog.copy()
+    for j in range(out.shape[0]):
+        if out[j, I_XR] >= 0 and packs(int(batch_size), int(out[j, I_NOUT]), int(out[j, I_NIN])):
+            out[j, I_XR] = out[j, I_WR] = -1
+            if j > 0:
+                out[j - 1, I_OUTR] = -1
+    return out
+
+
 def _flat_offsets(layers, specs: str) -> tuple[dict[tuple[int, str], int], int]:
     """Offsets of every ``(layer index, array name)`` in one flat vector, in model order, and its size."""
     offsets: dict[tuple[int, str], int] = {}

@@ -335,6 +335,17 @@ def gemm_bf16(A, B, C, bint trans_a=False, bint trans_b=False, float alpha=1.0, 
         bf16gemm_rm(trans_a, trans_b, M, N, K, alpha, &a[0, 0], lda, &b[0, 0], ldb, beta, &c[0, 0], ldc)
 
 
+def bf16_gemm_packs(int M, int N, int K) -> bool:
+    """True when a bf16 product of this shape goes to a kernel that packs (and rounds) its operands itself
+    (MKL's bf16 GEMM, fastdl's AVX512-BF16 kernel), False for the float32 GEMM on rounded operands.
+
+    The executors round each operand once per step only for the latter: for the packing routes the
+    rounded copies would be extra work (the numbers are the same either way)."""
+    cdef double mnk = <double>M * N * K
+    return bool((fdl_mkl_gemm_bf16 != NULL and mnk > JIT_MNK) or _bf16_kernel == 2
+                or (_bf16_kernel == 1 and mnk > BF16K_MNK))
+
+
 def gemm_bf16_pre(A, B, C, bint trans_a=False, bint trans_b=False) -> None:
     """``C = op(A) @ op(B)`` through ``bf16gemm_pre_rm``: C-contiguous float32 arrays whose values are already
     bfloat16 (tests: equals :func:`gemm_bf16` bit for bit on such operands)."""

@@ -37,6 +37,7 @@ from fastdl._kernels._optim cimport any_nonfinite_c, opt_step_c, opt_step_ssq_c,
 import numpy as np
 
 from fastdl import plan as _plan
+from fastdl._kernels import _blas
 from fastdl._kernels._optim import update_tasks
 
 cnp.import_array()
@@ -78,6 +79,7 @@ cdef struct Run:
     Py_ssize_t n_params
     Py_ssize_t dlog
     Py_ssize_t params_r     # bf16: workspace offset of round_bf16(params) (the GEMMs' W), else -1
+    bint w_fused            # bf16: round_bf16(params) written in the optimiser's pass (opt_step_round)
     int64_t* dense          # (n_dense, 2) [start, stop) of every Dense W in params
     int n_dense
     double l2
@@ -162,7 +164,9 @@ cdef real* forward(Run* r, const real* xb, Py_ssize_t m, uint64_t step) noexcept
         out = ws + op.out
         if op.kind == OP_DENSE:
             if real is float:
-                if op.prec == 1:   # bf16, each operand rounded once (docs/spec.md section 13); W: see run_epoch_c
+                if op.prec == 1 and op.xr >= 0:   # bf16, each operand rounded once (docs/spec.md section 13)
+                    if not r.w_fused:   # else the optimiser's pass wrote round_bf16(W) (run_epoch_c)
+                        round_bf16_c(params + op.p0, ws + op.wr, <Py_ssize_t>op.n_in * op.n_out)
                     # the first op's input is gathered rounded (run_epoch_c); a Dense's is rounded by the Dense
                     # before it (outr), else here
                     dense_forward_bf16_c(x, ws + op.xr, j > 0 and r.ops[j - 1].outr < 0, ws + op.wr,
@@ -204,7 +208,7 @@ cdef void backward(Run* r, const real* xb, Py_ssize_t m, double l2_over_m) noexc
         dx = ws + op.dx if op.dx >= 0 else NULL
         if op.kind == OP_DENSE:    # dZ written in place into dout
             if real is float:
-                if op.prec == 1:   # round_bf16(dZ) in place: the operand of both GEMMs (db: the unrounded sum)
+                if op.prec == 1 and op.xr >= 0:   # round_bf16(dZ) in place: both GEMMs' operand (db: unrounded)
                     dense_backward_bf16_c(ws + op.xr, params + op.p0, ws + op.wr, ws + op.out, dout, op.act,
                                           l2_over_m, dout, grads + op.p0, grads + op.p1 if op.has_b else NULL,
                                           op.has_b, dx, dx != NULL, <int>m, op.n_in, op.n_out)
@@ -230,7 +234,7 @@ cdef void backward(Run* r, const real* xb, Py_ssize_t m, double l2_over_m) noexc
 
 cdef enum:
     OPT_ROUND_BLOCK = 1024      # params per block of the optimiser step + W rounding (L1-resident)
-    OPT_ROUND_FUSED = 262144    # above: the optimiser's own (threaded) pass, then one rounding pass
+    OPT_ROUND_FUSED = 262144    # above: the optimiser's own (threaded) pass; each Dense rounds its W
 
 
 cdef void opt_step_round(Run* r, real* params, real* grads, double c1, double c2) noexcept nogil:
@@ -271,7 +275,7 @@ cdef void run_epoch_c(Run* r, real* typed) noexcept nogil:
     cdef const double* wp = NULL
     cdef float* x0r = NULL
     if real is float:
-        if r.ops[0].kind == OP_DENSE and r.ops[0].prec == 1:
+        if r.ops[0].kind == OP_DENSE and r.ops[0].prec == 1 and r.ops[0].xr >= 0:
             x0r = <float*>r.ws + r.ops[0].xr
     if r.l2 != 0.0:
         # sum ||W||^2 of the first step; each optimiser step then returns that of the next one
@@ -279,7 +283,7 @@ cdef void run_epoch_c(Run* r, real* typed) noexcept nogil:
             sum_squares_c(params + r.dense[2 * d], r.dense[2 * d + 1] - r.dense[2 * d], &part, r.ssqbuf)
             ss = ss + part
     if real is float:
-        if r.params_r >= 0:   # bf16: the first step's rounded W; each optimiser step then writes the next one's
+        if r.w_fused:   # bf16: the first step's rounded W; each optimiser step then writes the next one's
             round_bf16_c(params, <float*>r.ws + r.params_r, r.n_params)
     for bi in range(n_batches):
         s0 = bi * B
@@ -340,14 +344,11 @@ cdef void run_epoch_c(Run* r, real* typed) noexcept nogil:
         if r.l2 != 0.0:   # the update and the next step's sum ||W||^2 in one pass over params
             opt_step_ssq_c(r.opt_kind, params, grads, <real*>r.v, <real*>r.s, r.n_params, r.beta1, r.beta2,
                            r.opt_eps, r.c1[bi], r.c2[bi], r.tasks, r.n_tasks, r.dense, r.n_dense, r.ssqbuf, &ss)
-        elif r.params_r >= 0 and r.n_params <= OPT_ROUND_FUSED:
+        elif r.w_fused:
             opt_step_round(r, params, grads, r.c1[bi], r.c2[bi])
         else:
             opt_step_c(r.opt_kind, params, grads, <real*>r.v, <real*>r.s, r.n_params, r.beta1, r.beta2,
                        r.opt_eps, r.c1[bi], r.c2[bi])
-        if real is float:
-            if r.params_r >= 0 and (r.l2 != 0.0 or r.n_params > OPT_ROUND_FUSED):
-                round_bf16_c(params, <float*>r.ws + r.params_r, r.n_params)
     r.steps = n_batches
     r.wrong = wrong
     r.status = 2 if any_nonfinite_c(params, r.n_params) else 0
@@ -399,7 +400,9 @@ cdef class CythonEpochExecutor:
                                  _plan.OPT_CLASSICAL_MOMENTUM, _plan.OPT_NESTEROV):
             raise ValueError(f"unknown optimiser kind {opt_spec.kind}")
         lay = plan.layout(batch_size)
-        iprog, fprog = lay.iprog, lay.fprog
+        # bf16 Dense ops whose GEMMs go to a packing kernel (MKL, fastdl's AVX512-BF16) take the per-GEMM
+        # rounding path: rounded copies would be extra work there (fastdl.plan.route_bf16; the same bits)
+        iprog, fprog = _plan.route_bf16(lay.iprog, batch_size, _blas.bf16_gemm_packs), lay.fprog
         precs = {int(p) for p, kind in zip(iprog[:, _plan.I_PREC], iprog[:, _plan.I_KIND]) if kind == OP_DENSE}
         if not precs <= {_plan.PRECISION_FP32, _plan.PRECISION_BF16}:
             raise ValueError(f"unknown precision code(s) {sorted(precs)} in the plan")
@@ -437,8 +440,6 @@ cdef class CythonEpochExecutor:
             op.xr = int(row[_plan.I_XR])
             op.wr = int(row[_plan.I_WR])
             op.outr = int(row[_plan.I_OUTR])
-            if op.kind == OP_DENSE and op.prec == 1 and (op.xr < 0 or op.wr < 0):
-                raise ValueError(f"op {j}: a bf16 Dense op needs rounded-operand buffers in the layout")
             op.layer = <uint64_t>(int(row[_plan.I_LAYER]) & _MASK64)
             op.keep = float(frow[_plan.F_KEEP])
             op.eps = float(frow[_plan.F_EPS])
@@ -476,6 +477,10 @@ cdef class CythonEpochExecutor:
         r.n_params = plan.n_params
         r.dlog = self.dlog_off
         r.params_r = lay.params_r
+        # round_bf16(params) in the optimiser's pass (block by block): small models without L2 that have a
+        # Dense on the rounded-operand path; else each such Dense rounds its W in the forward
+        r.w_fused = (lay.params_r >= 0 and plan.l2 == 0.0 and plan.n_params <= OPT_ROUND_FUSED
+                     and bool((iprog[:, _plan.I_XR] >= 0).any()))
         r.dense = <int64_t*>data(self.dense)
         r.n_dense = self.dense.shape[0]
         r.l2 = float(plan.l2)

@@ -32,9 +32,11 @@ def _round(x: np.ndarray) -> np.ndarray:
     return y
 
 
-@pytest.fixture(params=["emulate", "native", "avx512"])
+@pytest.fixture(params=["emulate", "native", "avx512", "mixed"])
 def route(request):
-    """Each bf16 GEMM route: the rounding fallback, MKL's cblas_gemm_bf16bf16f32, fastdl's AVX512-BF16 kernel."""
+    """Each bf16 GEMM route: the rounding fallback, MKL's cblas_gemm_bf16bf16f32, fastdl's AVX512-BF16 kernel for
+    every product, and for the large ones only ("mixed": in one model some Dense ops then run the per-GEMM
+    rounding path, the others the rounded-once path, fastdl.plan.route_bf16)."""
     blas.select()
     addr = int(blas._state.get("mkl_bf16") or 0)
     before_mkl = _blas.bf16_gemm_routed()
@@ -42,11 +44,11 @@ def route(request):
     before_k = _blas.bf16_kernel_mode() if has_kernel else 0
     if request.param == "native" and not addr:
         pytest.skip("MKL's cblas_gemm_bf16bf16f32 is not available")
-    if request.param == "avx512" and not has_kernel:
+    if request.param in ("avx512", "mixed") and not has_kernel:
         pytest.skip("fastdl's AVX512-BF16 GEMM is not available on this CPU/build")
     _blas.set_bf16_gemm(addr if request.param == "native" else 0)
     if has_kernel:
-        _blas.set_bf16_kernel(2 if request.param == "avx512" else 0)
+        _blas.set_bf16_kernel({"avx512": 2, "mixed": 1}.get(request.param, 0))
     yield request.param
     _blas.set_bf16_gemm(addr if before_mkl else 0)
     if has_kernel:
@@ -274,3 +276,18 @@ def test_which_backends_round_once():
             continue
         assert _model("s", name).executor._bf16 is not None
         assert _model("s", name, "fp32").executor._bf16 is None    # fp32 plans: nothing changes
+
+
+def test_route_bf16_table():
+    """Dense ops whose products a packing kernel runs lose their rounded-operand columns, and so does the
+    output rounding of the Dense before them; the others keep theirs; the plan's own table is untouched."""
+    p = _model("s", "reference").plan
+    lay = p.layout(32)
+    before = lay.iprog.copy()
+    big = _plan.route_bf16(lay.iprog, 32, lambda M, N, K: M * N * K > 32 * 19 * 128)   # only the 128x64 Dense
+    np.testing.assert_array_equal(lay.iprog, before)
+    dense = [j for j, op in enumerate(p.ops) if op.kind == _plan.OP_DENSE]
+    assert big[dense[1], _plan.I_XR] == big[dense[1], _plan.I_WR] == big[dense[0], _plan.I_OUTR] == -1
+    assert big[dense[0], _plan.I_XR] >= 0 and big[dense[2], _plan.I_XR] >= 0
+    assert big[dense[1], _plan.I_OUTR] == big[dense[2], _plan.I_XR]
+    np.testing.assert_array_equal(_plan.route_bf16(lay.iprog, 32, lambda M, N, K: False), before)

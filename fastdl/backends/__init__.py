@@ -139,13 +139,15 @@ class Backend(KernelContract):
     def bf16_cores(self) -> SimpleNamespace | None:
         """The Dense cores for bf16 GEMM operands rounded once per step (docs/spec.md section 13), or None.
 
-        ``round_bf16(src, dst)``, ``dense_forward_bf16`` and ``dense_backward_bf16`` of the backend that
+        ``round_bf16(src, dst)``, ``dense_forward_bf16``, ``dense_backward_bf16`` and ``bf16_gemm_packs``
+        (whether a product shape runs on a kernel that packs its operands itself) of the backend that
         runs both ``dense_forward`` and ``dense_backward`` (Cython, Numba); None when it has none (the
         reference, a mixed choice): the per-layer executor then rounds inside every GEMM (the same bits).
         """
         src = self.sources.get("dense_forward")
         mod = _modules.get(src) if src == self.sources.get("dense_backward") else None
-        fns = {n: getattr(mod, n, None) for n in ("round_bf16", "dense_forward_bf16", "dense_backward_bf16")}
+        fns = {n: getattr(mod, n, None)
+               for n in ("round_bf16", "dense_forward_bf16", "dense_backward_bf16", "bf16_gemm_packs")}
         return SimpleNamespace(**fns) if all(callable(f) for f in fns.values()) else None
 
     @property

@@ -51,5 +51,6 @@ from fastdl._kernels._optim import (  # noqa: E402
 from fastdl._kernels._epoch import epoch_executor  # noqa: E402
 # bf16 Dense cores with each GEMM operand rounded once (docs/spec.md section 13): Backend.bf16_cores()
 from fastdl._kernels._dense import dense_backward_bf16, dense_forward_bf16, round_bf16  # noqa: E402
+from fastdl._kernels._blas import bf16_gemm_packs  # noqa: E402  (which bf16 products a packing kernel runs)
 
 __all__ = [*KERNELS, "build_info", "epoch_executor"]

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from ..plan import I_OUTR, I_WR, I_XR
+from ..plan import I_OUTR, I_WR, I_XR, route_bf16
 from ..plan import (I_DX, I_INV, I_MASK, I_MEAN, I_OUT, LOSS_KERNELS, LOSS_SIGMOID_BCE, OP_ACTIVATION,
                     OP_BATCHNORM, OP_DENSE, OP_DROPOUT, L2_DATASET, REGRESSION_LOSSES, Plan)
 
@@ -48,7 +48,7 @@ class _Workspace:
     __slots__ = ("m", "flat", "mask_buf", "out", "dx", "mean", "inv_std", "mask", "dlogits", "inputs",
                  "active", "count", "params_r", "xr", "wr", "outr", "round_in")
 
-    def __init__(self, plan: Plan, m: int):
+    def __init__(self, plan: Plan, m: int, packs=None):
         lay = plan.layout(m)
         self.m = m
         self.flat = np.empty(lay.ws_size, plan.dtype)
@@ -78,12 +78,14 @@ class _Workspace:
         # Dense writes its rounded output (the next Dense's input copy); None for fp32 plans / other ops
         pr = lay.params_r
         self.params_r = flat[pr:pr + plan.n_params] if pr >= 0 else None
+        # ops whose GEMMs run on a packing kernel keep the per-GEMM rounding (xr[j] None; plan.route_bf16)
+        iprog = route_bf16(lay.iprog, m, packs) if packs is not None and pr >= 0 else lay.iprog
         self.xr: list[Any] = [None] * n_ops
         self.wr: list[Any] = [None] * n_ops
         self.outr: list[Any] = [None] * n_ops
         self.round_in = [True] * n_ops
         for j, op in enumerate(plan.ops):
-            row = lay.iprog[j]
+            row = iprog[j]
             if row[I_XR] >= 0:
                 self.xr[j] = flat[int(row[I_XR]):int(row[I_XR]) + m * op.n_in].reshape(m, op.n_in)
                 self.wr[j] = flat[int(row[I_WR]):int(row[I_WR]) + op.n_in * op.n_out].reshape(op.n_in, op.n_out)
@@ -148,7 +150,8 @@ class PerLayerExecutor:
         if ws is None:
             if len(self._workspaces) >= MAX_WORKSPACES:  # bound memory when predicting on many sizes
                 self._workspaces.clear()
-            ws = self._workspaces[m] = _Workspace(self.plan, m)
+            ws = self._workspaces[m] = _Workspace(self.plan, m,
+                                                  self._bf16.bf16_gemm_packs if self._bf16 is not None else None)
         return ws
 
     # ----------------------------------------------------------------- forward
@@ -165,15 +168,14 @@ class PerLayerExecutor:
         inputs, outs = ws.inputs, ws.out
         x = X
         bf = self._bf16
-        if bf is not None:   # round_bf16(W) once per forward (the GEMMs of this step's backward reuse it)
-            bf.round_bf16(self.params, ws.params_r)
         for j, op in enumerate(self._ops):
             inputs[j] = x
             kind = op[0]
             if kind == OP_DENSE:
                 _, W, b, _, _, act, prec = op
                 out = outs[j]
-                if prec and bf is not None:
+                if prec and bf is not None and ws.xr[j] is not None:
+                    bf.round_bf16(W, ws.wr[j])    # once per forward: this step's backward reuses it
                     bf.dense_forward_bf16(x, ws.xr[j], ws.round_in[j], ws.wr[j], b, act, out, ws.outr[j])
                 elif prec:
                     K.dense_forward(x, W, b, act, out, prec)
@@ -224,7 +226,7 @@ class PerLayerExecutor:
                 _, W, _, dW, db, act, prec = op
                 dx = dxs[j] if j > 0 else self._empty2
                 # dZ overwrites dout in place (the contract allows it): dout is consumed here.
-                if prec and self._bf16 is not None:   # the forward's rounded input and W; dZ rounded in place
+                if prec and self._bf16 is not None and ws.xr[j] is not None:   # rounded input, W; dZ in place
                     self._bf16.dense_backward_bf16(ws.xr[j], W, ws.wr[j], out, dout, act, l2_over_m, dout, dW, db,
                                                    dx)
                 elif prec:

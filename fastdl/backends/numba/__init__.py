@@ -58,7 +58,7 @@ from ._chunks import (  # noqa: E402
 )
 from .batchnorm import batchnorm_backward, batchnorm_forward_infer, batchnorm_forward_train  # noqa: E402
 from .dense import activation_backward, activation_forward, dense_backward, dense_forward  # noqa: E402
-from .dense import dense_backward_bf16, dense_forward_bf16, round_bf16  # noqa: E402  (Backend.bf16_cores)
+from .dense import bf16_gemm_packs, dense_backward_bf16, dense_forward_bf16, round_bf16  # noqa: E402, F401
 from .dropout import dropout_backward, dropout_forward  # noqa: E402
 from .losses import mse, poisson, sigmoid_bce, softmax, softmax_cross_entropy  # noqa: E402
 from .optim import (  # noqa: E402

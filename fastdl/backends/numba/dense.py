@@ -422,6 +422,16 @@ def dense_backward_bf16_impl(Ar, W, Wr, out, dout, act, l2_over_m, dW, db, dA_pr
         _gemm_pre(dout, False, Wr, True, dA_prev)
 
 
+def bf16_gemm_packs(M: int, N: int, K: int) -> bool:
+    """Whether a bf16 product of this shape runs on a kernel that packs (and rounds) its operands itself
+    (``_blas.bf16_gemm_packs``; False without fastdl._kernels): then the cores' pre-rounding is skipped."""
+    try:
+        from fastdl._kernels._blas import bf16_gemm_packs as packs
+    except ImportError:
+        return False
+    return packs(M, N, K)
+
+
 def round_bf16(src, dst) -> None:
     """``dst = round_bf16(src)`` on C-contiguous float32 arrays of one size (Backend.bf16_cores)."""
     round_bf16_into(src, dst)

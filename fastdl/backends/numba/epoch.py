@@ -38,7 +38,8 @@ from ._chunks import (T_ACT_CHEAP, T_ACT_TRANS, T_BIAS_ACT, T_BN, T_DROPOUT, T_S
 from .batchnorm import batchnorm_backward_impl, batchnorm_train_impl, bn_backward_scratch_size, bn_train_scratch_size
 from .dense import activation_backward_impl, activation_forward_impl, dense_backward_impl, dense_forward_impl
 from .dense import dense_backward_bf16_impl, dense_forward_bf16_impl, round_bf16_into
-from ...plan import I_OUTR, I_WR, I_XR
+from .dense import bf16_gemm_packs
+from ...plan import I_OUTR, I_WR, I_XR, route_bf16
 from .dropout import dropout_backward_impl, dropout_forward_impl, key_of, threshold_of
 from .losses import mse_impl, poisson_impl, sigmoid_bce_impl, softmax_cross_entropy_impl, weight_sum
 from .optim import all_finite_impl, optimizer_step, sum_squares_impl
@@ -50,7 +51,7 @@ def _view2(buf, off, m, n):
 
 
 @_jit
-def _forward(X, iprog, fprog, params, state, ws, masks, m, seed, step, thr, empty1, scratch):
+def _forward(X, iprog, fprog, params, state, ws, masks, m, seed, step, thr, empty1, scratch, w_fused):
     """Training-mode forward of an m-row batch; returns the output view (the logits)."""
     x = X
     for j in range(iprog.shape[0]):
@@ -64,8 +65,10 @@ def _forward(X, iprog, fprog, params, state, ws, masks, m, seed, step, thr, empt
             W = params[p0:p0 + nin * nout].reshape((nin, nout))
             b = params[iprog[j, I_P1]:iprog[j, I_P1] + nout] if iprog[j, I_P1] >= 0 else empty1
             act = iprog[j, I_ACT]
-            if iprog[j, I_PREC] == 1:   # bf16, each operand rounded once (docs/spec.md section 13)
-                Wr = _view2(ws, iprog[j, I_WR], nin, nout)   # written in the optimiser's pass (_train_epoch)
+            if iprog[j, I_PREC] == 1 and iprog[j, I_XR] >= 0:   # bf16, operands rounded once (spec section 13)
+                Wr = _view2(ws, iprog[j, I_WR], nin, nout)
+                if not w_fused:   # else written after the optimiser's update (_train_epoch)
+                    round_bf16_into(W, Wr)
                 outr = _view2(ws, iprog[j, I_OUTR], m, nout) if iprog[j, I_OUTR] >= 0 else ws[:0].reshape((0, 0))
                 dense_forward_bf16_impl(x, _view2(ws, iprog[j, I_XR], m, nin), j == 0 or iprog[j - 1, I_OUTR] < 0,
                                         Wr, b, act, out, outr, act >= TANH and size >= thr[T_BIAS_ACT])
@@ -108,7 +111,7 @@ def _backward(X, iprog, fprog, params, grads, ws, masks, m, dlogits, l2_over_m, 
             W = params[p0:p0 + nin * nout].reshape((nin, nout))
             dW = grads[p0:p0 + nin * nout].reshape((nin, nout))
             db = grads[iprog[j, I_P1]:iprog[j, I_P1] + nout] if iprog[j, I_P1] >= 0 else empty1
-            if iprog[j, I_PREC] == 1:   # round_bf16(dZ) in place in dout: the operand of both GEMMs
+            if iprog[j, I_PREC] == 1 and iprog[j, I_XR] >= 0:   # round_bf16(dZ) in place: both GEMMs' operand
                 dense_backward_bf16_impl(_view2(ws, iprog[j, I_XR], m, nin), W, _view2(ws, iprog[j, I_WR], nin, nout),
                                          out, dout, iprog[j, I_ACT], l2_over_m, dW, db, dx)
             else:
@@ -203,15 +206,18 @@ def _train_epoch(X, y, ky, w, perm, batch_size, iprog, fprog, dense_w, loss_kind
     P = params.shape[0]
     pr = -1
     for j in range(iprog.shape[0]):
-        if iprog[j, I_KIND] == OP_DENSE and iprog[j, I_PREC] == 1:
+        if iprog[j, I_KIND] == OP_DENSE and iprog[j, I_PREC] == 1 and iprog[j, I_WR] >= 0:
             pr = iprog[j, I_WR] - iprog[j, I_P0]
-    if pr >= 0:
+    # small models without L2: round every W right after the update; else each Dense rounds its W in _forward
+    w_fused = pr >= 0 and l2 == 0.0 and P <= 262144
+    if w_fused:
         round_bf16_into(params, ws[pr:pr + P])     # the first step's rounded W
     for bi in range(n_batches):
         s0 = bi * batch_size
         m = min(batch_size, N - s0)
         xb, yb, wb = _gather(X, y, w, perm, s0, m, ky, xbuf, ybuf, wbuf)
-        logits = _forward(xb, iprog, fprog, params, state, ws, masks, m, seed, step0 + bi, thr, empty1, scratch)
+        logits = _forward(xb, iprog, fprog, params, state, ws, masks, m, seed, step0 + bi, thr, empty1, scratch,
+                          w_fused)
         dlog = _view2(ws, dlog_off, m, k)
         loss = _loss(loss_kind, logits, yb, dlog, wb, thr)     # yb flat: every branch types for every loss
         if l2_dataset and n_total != 0:
@@ -238,7 +244,7 @@ def _train_epoch(X, y, ky, w, perm, batch_size, iprog, fprog, dense_w, loss_kind
             return bi, wrong, 1
         optimizer_step(opt_kind, params, grads, v, s, hyper[H_BETA1], hyper[H_BETA2], hyper[H_EPS], coef1[bi],
                        coef2[bi], thr)
-        if pr >= 0:   # bf16: the next step's round_bf16(W), right after the update (params still in cache)
+        if w_fused:   # bf16: the next step's round_bf16(W), right after the update (params still in cache)
             # (one pass: a blocked step + rounding, as kernels/_epoch.pyx does, was slower here: each
             # optimizer_step call costs ~0.15 us; S: 9.3 vs 6.6 us per step for Adam + rounding)
             round_bf16_into(params, ws[pr:pr + P])
@@ -268,7 +274,8 @@ class NumbaEpochExecutor:
         if (lay.iprog[:, I_PREC] != 0).any() and np.dtype(plan.dtype) != np.float32:
             raise ValueError(f"precision=1 (bf16 GEMMs) needs a float32 plan, got {np.dtype(plan.dtype)}")
         self.plan, self.batch_size, self.opt_spec = plan, int(batch_size), opt_spec
-        self.iprog, self.fprog = lay.iprog, lay.fprog
+        # bf16 Dense ops whose GEMMs go to a packing kernel keep the per-GEMM rounding (plan.route_bf16)
+        self.iprog, self.fprog = route_bf16(lay.iprog, self.batch_size, bf16_gemm_packs), lay.fprog
         B, dt = self.batch_size, np.dtype(plan.dtype)
         k = plan.n_outputs
         self.ws = np.zeros(lay.ws_size, dt)
