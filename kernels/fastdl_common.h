@@ -13,7 +13,20 @@
 #if defined(_OPENMP)
 #include <omp.h>
 #define FASTDL_HAVE_OPENMP 1
+#if defined(__GNUC__) && defined(__unix__)
+/* libgomp is not fork-safe: a fork()ed child whose parent has run a parallel region hangs in
+   its next one. Each module marks the child at fork and runs serially there (as the Numba
+   kernels and MKL do: fastdl/backends/numba/_chunks.py, blas.py). */
+#include <pthread.h>
+static volatile int fastdl_forked = 0;
+static void fastdl_mark_forked(void) { fastdl_forked = 1; }
+__attribute__((constructor)) static void fastdl_register_atfork(void) {
+    pthread_atfork(NULL, NULL, fastdl_mark_forked);
+}
+static int fastdl_max_threads(void) { return fastdl_forked ? 1 : omp_get_max_threads(); }
+#else
 static int fastdl_max_threads(void) { return omp_get_max_threads(); }
+#endif
 #else
 #define FASTDL_HAVE_OPENMP 0
 static int fastdl_max_threads(void) { return 1; }

@@ -751,6 +751,43 @@ def test_numba_kernels_work_in_a_forked_child():
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, f"child status {status}"
 
 
+_CYTHON_FORK_CHILD = """
+import os, sys
+import numpy as np
+import fastdl as fd
+K = fd.get_backend("cython").unchecked
+n = 1 << 22
+def adam(p):
+    g, v, s = np.full_like(p, 0.5), np.zeros_like(p), np.zeros_like(p)
+    K.adam_step(p, g, v, s, 0.9, 0.999, 1e-8, 1e-3, 1.0)
+    return p
+with fd.backends.use("cython", threads=2):
+    expected = adam(np.ones(n, np.float32))        # a 2-thread region in the parent
+pid = os.fork()
+if pid == 0:
+    code = 1
+    try:
+        with fd.backends.use("cython", threads=2):
+            got = adam(np.ones(n, np.float32))
+        code = 0 if np.array_equal(got, expected) else 2
+    finally:
+        os._exit(code)
+_, status = os.waitpid(pid, 0)
+sys.exit(os.WEXITSTATUS(status) if os.WIFEXITED(status) else 3)
+"""
+
+
+@pytest.mark.skipif("cython" not in BACKENDS or not hasattr(__import__("os"), "fork"), reason="cython/fork")
+def test_cython_kernels_work_in_a_forked_child():
+    # libgomp hangs in a fork()ed child whose parent ran a parallel region; the Cython kernels
+    # mark the child at fork (fastdl_common.h) and run serially there, with the same bits.
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", _CYTHON_FORK_CHILD], timeout=120, capture_output=True, text=True)
+    assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
+
+
 @pytest.mark.skipif("numba" not in BACKENDS, reason="numba backend not available")
 @dtype_param
 def test_numba_serial_and_parallel_variants_bit_identical(dtype):
