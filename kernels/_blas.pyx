@@ -145,6 +145,15 @@ cdef void dgemm_rm(int trans_a, int trans_b, int M, int N, int K, double alpha, 
         _dgemm(&tb, &ta, &N, &M, &K, &alpha, <double*>B, &ldb, <double*>A, &lda, &beta, C, &ldc)
 
 
+cdef inline bint bf16_packing_route(int M, int N, int K) noexcept nogil:
+    """True when a bf16 product of this shape goes to a kernel that packs (and rounds) its operands itself:
+    MKL's bf16 GEMM (~20 us a call at least, so only above JIT_MNK) or fastdl's AVX512-BF16 kernel (above
+    BF16K_MNK, or always when forced). A choice by shape only: deterministic."""
+    cdef double mnk = <double>M * N * K
+    return ((fdl_mkl_gemm_bf16 != NULL and mnk > JIT_MNK) or _bf16_kernel == 2
+            or (_bf16_kernel == 1 and mnk > BF16K_MNK))
+
+
 cdef void bf16gemm_rm(int trans_a, int trans_b, int M, int N, int K, float alpha, const float* A, int lda,
                       const float* B, int ldb, float beta, float* C, int ldc) noexcept nogil:
     """``sgemm_rm`` with both operands rounded to bfloat16 (nearest even), float32 accumulation."""
@@ -159,9 +168,16 @@ cdef void bf16gemm_rm(int trans_a, int trans_b, int M, int N, int K, float alpha
     if M <= 0 or N <= 0 or K <= 0:
         sgemm_rm(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc)
         return
-    # MKL's native bf16 GEMM costs ~20 us a call at least (packing + dispatch; measured on the AMD
-    # EPYC, benchmarks/bf16_ceiling.py): small products take the rounding fallback below, which then
-    # gets sgemm_rm's small-product path. A choice by shape only: deterministic.
+    # small products take the rounding fallback below, which then gets sgemm_rm's small-product path
+    if not bf16_packing_route(M, N, K):
+        pa = fdl_bf16_scratch(0, <size_t>ra * ca * 4)
+        pb = fdl_bf16_scratch(1, <size_t>rb * cb * 4)
+        if pa == NULL or pb == NULL:
+            abort()
+        fdl_pack_rounded(A, ra, ca, lda, <float*>pa)
+        fdl_pack_rounded(B, rb, cb, ldb, <float*>pb)
+        sgemm_rm(trans_a, trans_b, M, N, K, alpha, <float*>pa, ca, <float*>pb, cb, beta, C, ldc)
+        return
     if fdl_mkl_gemm_bf16 != NULL and <double>M * N * K > JIT_MNK:
         pa = fdl_bf16_scratch(0, <size_t>ra * ca * 2)
         pb = fdl_bf16_scratch(1, <size_t>rb * cb * 2)
@@ -178,19 +194,10 @@ cdef void bf16gemm_rm(int trans_a, int trans_b, int M, int N, int K, float alpha
             fdl_mkl_gemm_bf16(101, 112 if trans_a else 111, 112 if trans_b else 111, M, N, K, alpha,
                               <unsigned short*>pa, ca, <unsigned short*>pb, cb, beta, C, ldc)
         return
-    if _bf16_kernel == 2 or (_bf16_kernel == 1 and <double>M * N * K > BF16K_MNK):
-        # packs (and rounds) both operands itself; threads: fastdl's OpenMP count (its own helper threads),
-        # results independent of it
-        if fdl_bf16k_gemm(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, fastdl_max_threads()) != 0:
-            abort()   # packing buffer not allocated (set_bf16_kernel only enables an available kernel)
-        return
-    pa = fdl_bf16_scratch(0, <size_t>ra * ca * 4)
-    pb = fdl_bf16_scratch(1, <size_t>rb * cb * 4)
-    if pa == NULL or pb == NULL:
-        abort()
-    fdl_pack_rounded(A, ra, ca, lda, <float*>pa)
-    fdl_pack_rounded(B, rb, cb, ldb, <float*>pb)
-    sgemm_rm(trans_a, trans_b, M, N, K, alpha, <float*>pa, ca, <float*>pb, cb, beta, C, ldc)
+    # fastdl's kernel packs (and rounds) both operands itself; threads: fastdl's OpenMP count (its own
+    # helper threads), results independent of it
+    if fdl_bf16k_gemm(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, fastdl_max_threads()) != 0:
+        abort()   # packing buffer not allocated (set_bf16_kernel only enables an available kernel)
 
 
 cdef void bf16gemm_pre_rm(int trans_a, int trans_b, int M, int N, int K, float alpha, const float* A, int lda,
@@ -202,25 +209,10 @@ cdef void bf16gemm_pre_rm(int trans_a, int trans_b, int M, int N, int K, float a
     section 13). The numbers are those of ``bf16gemm_rm`` on the same (or the unrounded) operands: its
     rounding is the identity on such values. The fallback is then ``sgemm_rm`` directly, no copy.
     """
-    cdef int ra = K if trans_a else M
-    cdef int ca = M if trans_a else K
-    cdef int rb = N if trans_b else K
-    cdef int cb = K if trans_b else N
-    cdef void* pa
-    cdef void* pb
-    cdef int prev
-    if M <= 0 or N <= 0 or K <= 0:
+    if M > 0 and N > 0 and K > 0 and bf16_packing_route(M, N, K):
+        bf16gemm_rm(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc)   # same route, same numbers
+    else:
         sgemm_rm(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc)
-        return
-    # the native routes of bf16gemm_rm take packed bf16 (MKL) or pack themselves (fastdl's kernel):
-    # same routing, same numbers
-    if fdl_mkl_gemm_bf16 != NULL and <double>M * N * K > JIT_MNK:
-        bf16gemm_rm(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc)
-        return
-    if _bf16_kernel == 2 or (_bf16_kernel == 1 and <double>M * N * K > BF16K_MNK):
-        bf16gemm_rm(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc)
-        return
-    sgemm_rm(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc)
 
 
 def rowmajor_addresses() -> tuple:
@@ -341,9 +333,7 @@ def bf16_gemm_packs(int M, int N, int K) -> bool:
 
     The executors round each operand once per step only for the latter: for the packing routes the
     rounded copies would be extra work (the numbers are the same either way)."""
-    cdef double mnk = <double>M * N * K
-    return bool((fdl_mkl_gemm_bf16 != NULL and mnk > JIT_MNK) or _bf16_kernel == 2
-                or (_bf16_kernel == 1 and mnk > BF16K_MNK))
+    return bool(bf16_packing_route(M, N, K))
 
 
 def gemm_bf16_pre(A, B, C, bint trans_a=False, bint trans_b=False) -> None:
