@@ -44,7 +44,46 @@ static inline float fdl_bf16_round(float f) {
     return r;
 }
 
-/* Per-thread scratch: [0] and [1] for the two operands. */
+/* Per-thread scratch: [0] and [1] for the two operands. On POSIX it hangs off a pthread key whose
+   destructor frees it when the thread exits, so threads that come and go (a thread pool that
+   recycles its workers, one thread per request) leave nothing behind; elsewhere thread-local. */
+static int fdl_bf16_grow(void** buf, size_t* cap, size_t bytes) {
+    if (bytes > *cap) {
+        void* p = realloc(*buf, bytes);
+        if (!p) return 0;
+        *buf = p;
+        *cap = bytes;
+    }
+    return 1;
+}
+
+#if defined(__unix__) || defined(__APPLE__)
+#include <pthread.h>
+typedef struct { void* buf[2]; size_t cap[2]; } fdl_bf16_tls_t;
+static pthread_key_t fdl_bf16_key;
+static pthread_once_t fdl_bf16_once = PTHREAD_ONCE_INIT;
+static int fdl_bf16_key_ok = 0;
+static void fdl_bf16_tls_free(void* p) {
+    fdl_bf16_tls_t* t = (fdl_bf16_tls_t*)p;
+    free(t->buf[0]);
+    free(t->buf[1]);
+    free(t);
+}
+static void fdl_bf16_key_make(void) { fdl_bf16_key_ok = pthread_key_create(&fdl_bf16_key, fdl_bf16_tls_free) == 0; }
+
+static void* fdl_bf16_scratch(int which, size_t bytes) {
+    fdl_bf16_tls_t* t;
+    pthread_once(&fdl_bf16_once, fdl_bf16_key_make);
+    if (!fdl_bf16_key_ok) return 0;
+    t = (fdl_bf16_tls_t*)pthread_getspecific(fdl_bf16_key);
+    if (!t) {
+        t = (fdl_bf16_tls_t*)calloc(1, sizeof(fdl_bf16_tls_t));
+        if (!t) return 0;
+        if (pthread_setspecific(fdl_bf16_key, t) != 0) { free(t); return 0; }
+    }
+    return fdl_bf16_grow(&t->buf[which], &t->cap[which], bytes) ? t->buf[which] : 0;
+}
+#else
 #if defined(_MSC_VER)
 #define FDL_TLS __declspec(thread)
 #else
@@ -54,14 +93,9 @@ static FDL_TLS void* fdl_bf16_buf[2] = {0, 0};
 static FDL_TLS size_t fdl_bf16_cap[2] = {0, 0};
 
 static void* fdl_bf16_scratch(int which, size_t bytes) {
-    if (bytes > fdl_bf16_cap[which]) {
-        void* p = realloc(fdl_bf16_buf[which], bytes);
-        if (!p) return 0;
-        fdl_bf16_buf[which] = p;
-        fdl_bf16_cap[which] = bytes;
-    }
-    return fdl_bf16_buf[which];
+    return fdl_bf16_grow(&fdl_bf16_buf[which], &fdl_bf16_cap[which], bytes) ? fdl_bf16_buf[which] : 0;
 }
+#endif
 
 /* Copy the rows x cols row-major matrix at src (row stride ld) into a packed buffer, rounded. */
 static FASTDL_TC void fdl_pack_bf16(const float* src, int rows, int cols, int ld, uint16_t* dst) {

@@ -510,3 +510,37 @@ def test_gemm_deterministic_across_processes():
             for _ in range(2)]
     assert all(p.returncode == 0 for p in runs), runs[0].stderr
     assert runs[0].stdout == runs[1].stdout
+
+
+_SCRATCH_CHILD = """
+import threading
+import numpy as np
+from fastdl.backends import blas
+from fastdl._kernels import _blas
+blas.select()
+assert not _blas.bf16_gemm_packs(1024, 1024, 1024), "this test needs the rounding fallback"
+A = np.ones((1024, 1024), np.float32); B = A.copy()
+
+def rss_mb():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096 / 2**20
+
+def work():
+    _blas.gemm_bf16(A, B, np.empty_like(A))   # 2 x 4 MB of this thread's scratch
+
+work(); work()
+before = rss_mb()
+for _ in range(60):                          # 60 short-lived threads: 480 MB if each kept its scratch
+    t = threading.Thread(target=work); t.start(); t.join()
+print(rss_mb() - before)
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs /proc/self/statm (Linux)")
+def test_fallback_scratch_is_freed_when_a_thread_exits():
+    # the rounding fallback keeps per-thread scratch; a thread that exits must not leave it behind
+    env = dict(os.environ, FASTDL_BF16_GEMM="emulate", OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1",
+               MKL_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-c", _SCRATCH_CHILD], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert float(r.stdout.strip().splitlines()[-1]) < 120, r.stdout
