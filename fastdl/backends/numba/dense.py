@@ -180,15 +180,21 @@ _bf16gemm_pre_rm = types.ExternalFunction("fastdl_bf16gemm_pre_rm", _gemm_signat
 
 
 @_jit
+def _bf16_bits(v):
+    """The float32 bits v rounded to bfloat16, nearest even; a NaN stays a quiet NaN (fdl_f32_to_bf16's bits).
+
+    Branch-free (a select), so that the loops calling it vectorise."""
+    r = (v + np.uint32(0x7FFF) + ((v >> np.uint32(16)) & np.uint32(1))) & np.uint32(0xFFFF0000)
+    q = (v | np.uint32(0x00400000)) & np.uint32(0xFFFF0000)
+    return q if (v & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000) else r
+
+
+@_jit
 def _round_bf16(x):
     """float32 array rounded in place to bfloat16 (nearest-even; NaN stays NaN), returned (njit/cfunc use)."""
     u = x.reshape(x.size).view(np.uint32)
     for i in range(u.shape[0]):
-        v = u[i]
-        if (v & np.uint32(0x7F800000)) == np.uint32(0x7F800000) and (v & np.uint32(0x007FFFFF)) != 0:
-            u[i] = v | np.uint32(0x00400000)          # NaN: quiet, keep it NaN
-        else:
-            u[i] = (v + np.uint32(0x7FFF) + ((v >> np.uint32(16)) & np.uint32(1))) & np.uint32(0xFFFF0000)
+        u[i] = _bf16_bits(u[i])
     return x
 
 
@@ -351,10 +357,7 @@ def _round_bf16_inplace(x):
     """x = round_bf16(x): one array, so that LLVM vectorises it (see _act_grad_inplace: 10x)."""
     u = x.reshape(x.size).view(np.uint32)
     for i in range(u.shape[0]):
-        v = u[i]
-        r = (v + np.uint32(0x7FFF) + ((v >> np.uint32(16)) & np.uint32(1))) & np.uint32(0xFFFF0000)
-        q = (v | np.uint32(0x00400000)) & np.uint32(0xFFFF0000)
-        u[i] = q if (v & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000) else r
+        u[i] = _bf16_bits(u[i])
 
 
 @_jit
@@ -366,10 +369,7 @@ def round_bf16_into(src, dst):
     s = src.reshape(src.size).view(np.uint32)
     d = dst.reshape(dst.size).view(np.uint32)
     for i in range(s.shape[0]):
-        v = s[i]
-        r = (v + np.uint32(0x7FFF) + ((v >> np.uint32(16)) & np.uint32(1))) & np.uint32(0xFFFF0000)
-        q = (v | np.uint32(0x00400000)) & np.uint32(0xFFFF0000)
-        d[i] = q if (v & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000) else r
+        d[i] = _bf16_bits(s[i])
 
 
 @_jit
