@@ -554,27 +554,7 @@ def mse(Yhat, Y, dZ, w=None):
 
     Weights ``w`` as in :func:`softmax_cross_entropy`.
     """
-    cdef int t = rtype(Yhat, 2)
-    cdef int ty = rtype(Y, 2)
-    cdef Py_ssize_t m = 0, k = 0
-    cdef bint grad
-    cdef double* buf
-    cdef double loss, sw = 0.0
-    cdef double* wp
-    if is_float(t):
-        m = dim(Yhat, 0)
-        k = dim(Yhat, 1)
-    grad = not is_empty(dZ)
-    if not (is_float(t) and m > 0 and is_float(ty) and dim(Y, 0) == m and dim(Y, 1) == k
-            and (not grad or (wtype(dZ, 2) == t and dim(dZ, 0) == m and dim(dZ, 1) == k))):
-        raise unsupported("mse")
-    wp = weights_of(w, m, &sw)
-    buf = loss_buffer(loss_buffer_size(m, k))
-    with nogil:
-        loss = elementwise_any(EW_MSE, t, ty, data(Yhat), data(Y), data(dZ) if grad else NULL, grad, m, k,
-                               wp, sw, buf)
-    free(buf)
-    return loss
+    return same_shape_loss(EW_MSE, "mse", Yhat, Y, dZ, w)
 
 
 def poisson(Z, Y, dZ, w=None):
@@ -584,6 +564,11 @@ def poisson(Z, Y, dZ, w=None):
     ``Z`` (m, k), ``Y`` (m, k) finite and >= 0 (checked by the validated entry point). Weights ``w``
     as in :func:`softmax_cross_entropy`.
     """
+    return same_shape_loss(EW_POISSON, "poisson", Z, Y, dZ, w)
+
+
+cdef double same_shape_loss(int kind, str name, Z, Y, dZ, w) except? -1.0:
+    """The element-wise loss ``kind`` on (m, k) Z and (m, k) targets Y (either float dtype); dZ empty: loss only."""
     cdef int t = rtype(Z, 2)
     cdef int ty = rtype(Y, 2)
     cdef Py_ssize_t m = 0, k = 0
@@ -595,13 +580,12 @@ def poisson(Z, Y, dZ, w=None):
         m = dim(Z, 0)
         k = dim(Z, 1)
     grad = not is_empty(dZ)
-    if not (is_float(t) and m > 0 and k > 0 and is_float(ty) and dim(Y, 0) == m and dim(Y, 1) == k
-            and (not grad or (wtype(dZ, 2) == t and dim(dZ, 0) == m and dim(dZ, 1) == k))):
-        raise unsupported("poisson")
+    if not (is_float(t) and m > 0 and (k > 0 or kind == EW_MSE) and is_float(ty) and dim(Y, 0) == m
+            and dim(Y, 1) == k and (not grad or (wtype(dZ, 2) == t and dim(dZ, 0) == m and dim(dZ, 1) == k))):
+        raise unsupported(name)
     wp = weights_of(w, m, &sw)
-    buf = loss_buffer(m)
+    buf = loss_buffer(loss_buffer_size(m, k) if kind == EW_MSE else m)
     with nogil:
-        loss = elementwise_any(EW_POISSON, t, ty, data(Z), data(Y), data(dZ) if grad else NULL, grad, m, k,
-                               wp, sw, buf)
+        loss = elementwise_any(kind, t, ty, data(Z), data(Y), data(dZ) if grad else NULL, grad, m, k, wp, sw, buf)
     free(buf)
     return loss
