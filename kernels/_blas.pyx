@@ -297,8 +297,10 @@ def _row_stride(str name, v) -> int:
     return v.strides[0] // 4
 
 
-def gemm_bf16(A, B, C, bint trans_a=False, bint trans_b=False, float alpha=1.0, float beta=0.0) -> None:
-    """``C = alpha * round_bf16(op(A)) @ round_bf16(op(B)) + beta * C`` through ``bf16gemm_rm`` (tests, benchmarks).
+def gemm_bf16(A, B, C, bint trans_a=False, bint trans_b=False, float alpha=1.0, float beta=0.0,
+              bint pre_rounded=False) -> None:
+    """``C = alpha * round_bf16(op(A)) @ round_bf16(op(B)) + beta * C`` through ``bf16gemm_rm`` (tests, benchmarks),
+    or through ``bf16gemm_pre_rm`` when ``pre_rounded`` (A and B must then hold bfloat16 values already).
 
     float32 2-D arrays whose rows are contiguous (a row stride larger than the row, e.g. a column slice, is
     passed to the kernel as ``ld``).
@@ -324,7 +326,10 @@ def gemm_bf16(A, B, C, bint trans_a=False, bint trans_b=False, float alpha=1.0, 
             C *= beta
         return
     with nogil:
-        bf16gemm_rm(trans_a, trans_b, M, N, K, alpha, &a[0, 0], lda, &b[0, 0], ldb, beta, &c[0, 0], ldc)
+        if pre_rounded:
+            bf16gemm_pre_rm(trans_a, trans_b, M, N, K, alpha, &a[0, 0], lda, &b[0, 0], ldb, beta, &c[0, 0], ldc)
+        else:
+            bf16gemm_rm(trans_a, trans_b, M, N, K, alpha, &a[0, 0], lda, &b[0, 0], ldb, beta, &c[0, 0], ldc)
 
 
 def bf16_gemm_packs(int M, int N, int K) -> bool:
@@ -337,25 +342,9 @@ def bf16_gemm_packs(int M, int N, int K) -> bool:
 
 
 def gemm_bf16_pre(A, B, C, bint trans_a=False, bint trans_b=False) -> None:
-    """``C = op(A) @ op(B)`` through ``bf16gemm_pre_rm``: C-contiguous float32 arrays whose values are already
-    bfloat16 (tests: equals :func:`gemm_bf16` bit for bit on such operands)."""
-    cdef float[:, ::1] a = A
-    cdef float[:, ::1] b = B
-    cdef float[:, ::1] c = C
-    cdef int M = c.shape[0]
-    cdef int N = c.shape[1]
-    cdef int K = a.shape[0] if trans_a else a.shape[1]
-    if (a.shape[1] if trans_a else a.shape[0]) != M or (b.shape[1] if trans_b else b.shape[0]) != K \
-            or (b.shape[0] if trans_b else b.shape[1]) != N:
-        raise ValueError(f"gemm_bf16_pre: shapes {A.shape} x {B.shape} -> {C.shape} do not match")
-    if M == 0 or N == 0:
-        return
-    if K == 0:
-        C[...] = 0
-        return
-    with nogil:
-        bf16gemm_pre_rm(trans_a, trans_b, M, N, K, 1.0, &a[0, 0], <int>a.shape[1], &b[0, 0], <int>b.shape[1], 0.0,
-                        &c[0, 0], <int>c.shape[1])
+    """``C = op(A) @ op(B)`` through ``bf16gemm_pre_rm`` on float32 arrays whose values are already bfloat16
+    (tests: equals :func:`gemm_bf16` bit for bit on such operands)."""
+    gemm_bf16(A, B, C, trans_a, trans_b, pre_rounded=True)
 
 
 def set_fortran_gemm(size_t sgemm_address, size_t dgemm_address, size_t set_threads_local_address=0,
